@@ -1,0 +1,68 @@
+"""Sessions: tests (everything, one environment), isolated (one fresh venv per package),
+lint (ruff), checks (versions, layering, generated docs), demo (the main end-to-end job).
+
+torch and megatron-core are pinned by constraints.txt. Sibling packages are always installed
+from this tree, all paths in one pip call, so pip never takes a same-named package from an index.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+sys.path.insert(0, str(ROOT / "tools"))
+from repo import load_packages, sibling_closure  # noqa: E402
+
+nox.options.sessions = ["lint", "checks", "tests", "isolated"]
+nox.options.reuse_existing_virtualenvs = True
+PYTHON = "3.11"
+CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
+TEST_TOOLS = ("pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3")
+PACKAGES = sorted(load_packages())
+
+
+def _pip(session: nox.Session, *args: str) -> None:
+    session.run("python", "-m", "pip", "install", "--disable-pip-version-check", "-q", *CONSTRAINTS, *args)
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Every package installed editable in one environment; the whole suite."""
+    editable = [a for p in PACKAGES for a in ("-e", str(ROOT / "packages" / p))]
+    _pip(session, *TEST_TOOLS, "packaging", *editable)
+    session.run("pytest", "-q", *(session.posargs or ["packages", "tools/tests"]))
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("package", PACKAGES)
+def isolated(session: nox.Session, package: str) -> None:
+    """A fresh venv with one package and only what it declares, then that package's tests."""
+    closure = sibling_closure(package)
+    _pip(session, *TEST_TOOLS, *(str(ROOT / "packages" / d) for d in closure))
+    session.run("python", str(ROOT / "tools" / "check_install.py"), *closure)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "packages" / package / "tests"))
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    _pip(session, "ruff==0.17.6")
+    session.run("ruff", "check", "packages", "tools", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def checks(session: nox.Session) -> None:
+    """Sibling ranges and changelogs, import layering, and docs/args.md freshness."""
+    _pip(session, "packaging", str(ROOT / "packages" / "mindspeed-args"))
+    session.run("python", "tools/check_versions.py")
+    session.run("python", "tools/check_layering.py")
+    session.run("python", "tools/gen_args_docs.py", "--check")
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """The most complete end-to-end job the tree has today: validate and translate real launches."""
+    _pip(session, str(ROOT / "packages" / "mindspeed-cli"), str(ROOT / "packages" / "mindspeed-args"))
+    session.run("bash", str(ROOT / "examples" / "demo.sh"), external=True)

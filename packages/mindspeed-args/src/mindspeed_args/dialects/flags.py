@@ -1,0 +1,65 @@
+"""Shared command-line tokenising for the flag dialects (megatron and swift)."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class FlagUse:
+    """One flag occurrence: '--seq-length 4096' -> FlagUse('--seq-length', ['4096'])."""
+
+    flag: str
+    tokens: list[str]
+    inline: bool  # written as --flag=value
+
+
+def _is_flag(tok: str) -> bool:
+    return tok.startswith("--") and len(tok) > 2
+
+
+def split_flags(argv: list[str]) -> tuple[list[FlagUse], list[str]]:
+    """Group tokens under the flag before them. Returns (uses, problems for stray tokens)."""
+    uses: list[FlagUse] = []
+    problems: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not _is_flag(tok):
+            problems.append(f"unexpected argument {tok!r} (parameters start with --)")
+            i += 1
+            continue
+        flag, eq, inline = tok.partition("=")
+        j = i + 1
+        while j < len(argv) and not _is_flag(argv[j]):
+            j += 1
+        uses.append(FlagUse(flag, [inline] + argv[i + 1:j] if eq else argv[i + 1:j], bool(eq)))
+        i = j
+    return uses, problems
+
+
+def split_shell(text: str) -> list[str]:
+    """shlex words of shell text; backslash-newline continuations join lines as the shell does."""
+    return shlex.split(text.replace("\\\n", " "), comments=True)
+
+
+def read_flags_file(path: str) -> list[str]:
+    """Tokens of a launch file: shell syntax, comments and backslash line continuations allowed.
+    Only the flags are kept: anything before the first '--flag' (e.g. 'torchrun ... pretrain_gpt.py'
+    or 'megatron sft') is dropped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        from mindspeed_args.errors import UsageError
+
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        tokens = split_shell(text)
+    except ValueError as exc:
+        from mindspeed_args.errors import UsageError
+
+        raise UsageError(f"{path}: cannot split into shell words ({exc})") from None
+    first = next((i for i, t in enumerate(tokens) if _is_flag(t)), len(tokens))
+    return tokens[first:]

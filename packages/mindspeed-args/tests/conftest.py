@@ -1,0 +1,29 @@
+"""Shared helpers: resolved default values of a dialect, and running the CLI in-process."""
+
+from __future__ import annotations
+
+import pytest
+
+from mindspeed_args.cli import main
+from mindspeed_args.schema import load_schema
+
+
+@pytest.fixture(scope="session")
+def schema():
+    return load_schema()
+
+
+def defaults(dialect: str = "megatron") -> dict:
+    return {p.name: p.default_for(dialect) for p in load_schema().params.values()}
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """run_cli(*argv) -> (exit code, stdout, stderr) of `mindspeed args ...`."""
+
+    def run(*argv: str):
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
