@@ -66,7 +66,7 @@ def check_package(pkg, packages) -> list[str]:
     for path in sorted(pkg.path.rglob("*.py")):
         in_tests = "tests" in path.relative_to(pkg.path).parts
         for line, mod, lazy in imports(path):
-            where = f"{path.relative_to(ROOT)}:{line}"
+            where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{line}"
             if mod == pkg.module or mod in sys.stdlib_module_names or mod == "__future__":
                 continue
             if mod in module_to_sibling:

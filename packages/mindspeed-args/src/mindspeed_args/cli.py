@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str]) -> int:
     ours, flags = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    if len(ours) == 2 and ours[0] == "show" and ours[1] not in ("-h", "--help"):
+        return _show(load_schema(), ours[1])  # a flag spelling like --seq-length is a name here
     args = build_parser().parse_args(ours)
     schema = load_schema()
     if args.command == "validate":
@@ -54,14 +56,7 @@ def run(argv: list[str]) -> int:
         print(report(r))
         return r.exit_code
     if args.command == "show":
-        p = schema.find(args.name)
-        if p is None:
-            import difflib
-
-            close = difflib.get_close_matches(args.name.lstrip("-").replace("-", "_"), list(schema.params), n=3)
-            raise UsageError(f"unknown parameter {args.name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-        print(show(p))
-        return 0
+        return _show(schema, args.name)
     if args.command == "list":
         params = [p for p in schema.params.values()
                   if (args.group is None or p.group == args.group) and (args.dialect is None or args.dialect in p.spellings)]
@@ -73,6 +68,17 @@ def run(argv: list[str]) -> int:
     for note in t.notes:
         print(f"note: {note}", file=sys.stderr)
     sys.stdout.write(t.text)
+    return 0
+
+
+def _show(schema, name: str) -> int:
+    p = schema.find(name)
+    if p is None:
+        import difflib
+
+        close = difflib.get_close_matches(name.lstrip("-").replace("-", "_"), list(schema.params), n=3)
+        raise UsageError(f"unknown parameter {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    print(show(p))
     return 0
 
 

@@ -47,8 +47,8 @@ def split_shell(text: str) -> list[str]:
 
 def read_flags_file(path: str) -> list[str]:
     """Tokens of a launch file: shell syntax, comments and backslash line continuations allowed.
-    Only the flags are kept: anything before the first '--flag' (e.g. 'torchrun ... pretrain_gpt.py'
-    or 'megatron sft') is dropped."""
+    Only the training script's flags are kept: the launcher before it ('torchrun ... pretrain_gpt.py',
+    'megatron sft') is dropped."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -61,5 +61,9 @@ def read_flags_file(path: str) -> list[str]:
         from mindspeed_args.errors import UsageError
 
         raise UsageError(f"{path}: cannot split into shell words ({exc})") from None
-    first = next((i for i, t in enumerate(tokens) if _is_flag(t)), len(tokens))
+    # Launcher options (torchrun --nproc_per_node ...) come before the script: skip through it.
+    scripts = [i for i, t in enumerate(tokens) if t.endswith(".py") or (t in ("pt", "sft", "rlhf") and i
+               and tokens[i - 1] == "megatron")]
+    start = scripts[-1] + 1 if scripts else 0
+    first = next((i for i, t in enumerate(tokens) if i >= start and _is_flag(t)), len(tokens))
     return tokens[first:]

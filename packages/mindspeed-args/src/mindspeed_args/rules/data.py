@@ -60,7 +60,7 @@ RULES: tuple[Rule, ...] = (
         id="fsdp.modules-non-empty", source=S, reads=("fsdp_modules",),
         applies=lambda v: True, holds=lambda v: bool(v.fsdp_modules),
         constraint="fsdp_modules must list at least one module pattern",
-        fix="keep the default ['model.layers.{}', 'model.embed_tokens', 'lm_head'] or list your modules",
+        fix="keep the default ['model.layers.{{}}', 'model.embed_tokens', 'lm_head'] or list your modules",
     ),
     Rule(
         id="profile.step-window", source=S, reads=("profile", "profile_step_start", "profile_step_end"),

@@ -142,9 +142,14 @@ RULES: tuple[Rule, ...] = (
     _needs("swap.optimizer-times", "seed 000 §1", "swap_optimizer", "use_distributed_optimizer", bool,
            "swap_optimizer swaps the distributed optimizer's fp32 shards: it needs use_distributed_optimizer",
            "add --use-distributed-optimizer"),
-    _needs("fsdp2-mm.no-megatron-parallel", "seed 002 (FSDP2)", "fsdp2_config_path", "tensor_model_parallel_size",
-           lambda tp: (tp or 1) == 1, "with FSDP2 (fsdp2_config_path) Megatron's TP/PP splits must be off",
-           "set tensor_model_parallel_size 1 and pipeline_model_parallel_size 1"),
+    Rule(
+        id="fsdp2-mm.no-megatron-parallel", source="seed 002 (FSDP2)",
+        reads=("fsdp2_config_path", "tensor_model_parallel_size", "pipeline_model_parallel_size"),
+        applies=lambda v: v.fsdp2_config_path is not None,
+        holds=lambda v: (v.tensor_model_parallel_size or 1) == 1 and (v.pipeline_model_parallel_size or 1) == 1,
+        constraint="with FSDP2 (fsdp2_config_path) Megatron's TP/PP splits must be off",
+        fix="set tensor_model_parallel_size 1 and pipeline_model_parallel_size 1",
+    ),
     _needs("fsdp2-mm.ckpt-format", "seed 002 (OUTPUT_ARGS)", "fsdp2_config_path", "ckpt_format",
            lambda f: f == "torch_dcp", "with FSDP2 only ckpt_format torch_dcp is supported", "set --ckpt-format torch_dcp"),
 )

@@ -1,0 +1,44 @@
+# A MindSpeed-LLM pretraining launch for a Qwen3-8B-shaped model on 2 nodes x 8 devices (TP2 PP2 CP2).
+torchrun --nproc_per_node 8 --nnodes 2 pretrain_gpt.py \
+    --use-mcore-models \
+    --tensor-model-parallel-size 2 \
+    --pipeline-model-parallel-size 2 \
+    --context-parallel-size 2 \
+    --context-parallel-algo megatron_cp_algo \
+    --sequence-parallel \
+    --use-distributed-optimizer \
+    --num-layers 36 \
+    --hidden-size 4096 \
+    --ffn-hidden-size 12288 \
+    --num-attention-heads 32 \
+    --group-query-attention \
+    --num-query-groups 8 \
+    --qk-layernorm \
+    --seq-length 8192 \
+    --max-position-embeddings 40960 \
+    --position-embedding-type rope \
+    --rotary-base 1000000 \
+    --normalization RMSNorm \
+    --use-fused-rmsnorm \
+    --swiglu \
+    --use-fused-swiglu \
+    --disable-bias-linear \
+    --untie-embeddings-and-output-weights \
+    --micro-batch-size 1 \
+    --global-batch-size 64 \
+    --lr 1.0e-5 \
+    --min-lr 1.0e-6 \
+    --lr-decay-style cosine \
+    --lr-warmup-fraction 0.01 \
+    --weight-decay 0.1 \
+    --clip-grad 1.0 \
+    --adam-beta2 0.95 \
+    --bf16 \
+    --train-iters 2000 \
+    --tokenizer-type PretrainedFromHF \
+    --tokenizer-name-or-path ./Qwen3-8B \
+    --data-path ./dataset/enwiki_text_document \
+    --split 100,0,0 \
+    --save-interval 500 \
+    --save ./ckpt/qwen3-8b \
+    --log-interval 1

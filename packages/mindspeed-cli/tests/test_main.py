@@ -1,0 +1,76 @@
+"""The `mindspeed` command: plugin discovery, lazy import, broken plugins, --version, env."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def _fake_dist(root, name: str, entry_points: str, module: str | None = None, code: str = "") -> None:
+    info = root / f"{name.replace('-', '_')}-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+    if module:
+        (root / f"{module}.py").write_text(textwrap.dedent(code))
+
+
+@pytest.fixture
+def plugins(tmp_path):
+    """A path with one working plugin (that records its import) and one broken plugin."""
+    _fake_dist(tmp_path, "mindspeed-fake", "[mindspeed.commands]\nhello = fake_hello:main\n", "fake_hello", """
+        import os
+        open(os.environ["IMPORT_LOG"], "a").write("imported\\n")
+        def main(argv):
+            print("hello", *argv)
+            return 0
+        """)
+    _fake_dist(tmp_path, "mindspeed-broken", "[mindspeed.commands]\nbroken = fake_broken:main\n", "fake_broken",
+               "raise ImportError('needs a missing library')\n")
+    return tmp_path
+
+
+def run(plugins, *argv):
+    env = dict(os.environ, PYTHONPATH=str(plugins), IMPORT_LOG=str(plugins / "log"))
+    return subprocess.run([sys.executable, "-m", "mindspeed_cli.main", *argv], capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+def test_help_lists_commands_without_importing_them(plugins):
+    r = run(plugins, "--help")
+    assert r.returncode == 0
+    assert "hello" in r.stdout and "broken" in r.stdout and "env" in r.stdout
+    assert "not installed:" in r.stdout and "pip install mindspeed-train" in r.stdout
+    assert not (plugins / "log").exists()  # nothing was imported to list the commands
+
+
+def test_command_runs_and_a_broken_plugin_is_one_line(plugins):
+    r = run(plugins, "hello", "world")
+    assert r.returncode == 0 and r.stdout.strip() == "hello world"
+    r = run(plugins, "broken")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "failed to import" in r.stderr and "Traceback" not in r.stderr
+    assert run(plugins, "hello").returncode == 0  # the others still work
+
+
+def test_version_lists_installed_mindspeed_packages(plugins):
+    r = run(plugins, "--version")
+    assert r.returncode == 0
+    assert "mindspeed-cli 0.1.0" in r.stdout and "mindspeed-fake 0.1.0" in r.stdout
+
+
+def test_unknown_command_names_the_package_to_install(plugins):
+    r = run(plugins, "train")
+    assert r.returncode == 2 and "install mindspeed-train" in r.stderr
+
+
+def test_env_reports_versions_device_and_backend(plugins):
+    r = run(plugins, "env")
+    assert r.returncode == 0
+    for key in ("python", "torch", "megatron-core", "transformers", "device", "collective backend"):
+        assert key in r.stdout
+    assert any(b in r.stdout for b in ("gloo", "nccl", "hccl"))
