@@ -13,7 +13,7 @@ import ast
 import sys
 from pathlib import Path
 
-from repo import ROOT, load_packages
+from repo import ROOT, load_packages, split_requirement
 
 # DESIGN.md, "Allowed imports": package -> siblings it may import at module level.
 ALLOWED = {
@@ -59,8 +59,7 @@ def imports(path: Path) -> list[tuple[int, str, bool]]:
 def check_package(pkg, packages) -> list[str]:
     module_to_sibling = {p.module: p.dist for p in packages.values()}
     declared = set(pkg.sibling_requires)
-    optional_declared = {n.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip()
-                         for reqs in pkg.optional.values() for n in reqs}
+    optional_declared = {split_requirement(r)[0] for reqs in pkg.optional.values() for r in reqs}
     third_party = set(pkg.third_party_requires) | optional_declared
     out = []
     for path in sorted(pkg.path.rglob("*.py")):

@@ -1,4 +1,4 @@
-"""Shared helpers: resolved default values of a dialect, and running the CLI in-process."""
+"""Shared fixtures: the schema, and running the CLI in-process."""
 
 from __future__ import annotations
 
@@ -11,10 +11,6 @@ from mindspeed_args.schema import load_schema
 @pytest.fixture(scope="session")
 def schema():
     return load_schema()
-
-
-def defaults(dialect: str = "megatron") -> dict:
-    return {p.name: p.default_for(dialect) for p in load_schema().params.values()}
 
 
 @pytest.fixture

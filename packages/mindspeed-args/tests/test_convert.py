@@ -44,10 +44,11 @@ def test_fsdp2_megatron_fsdp2_round_trip(schema, tmp_path):
     assert "--recompute-granularity" in flags and flags[flags.index("--data-path") + 1] == "./d.json"
     out = tmp_path / "back.yaml"
     out.write_text(convert("megatron", "fsdp2", argv=flags, world_size=8).text)
-    # Megatron flags cannot unset a parameter; the forward translation names each such one.
-    noted = {n.split(":")[0] for n in meg.notes}
+    # Megatron flags cannot unset a parameter: FSDP2 leaves preprocessing_num_workers unset, and
+    # in Megatron an absent --workers means 1. That one loss is expected, and must be announced.
     before, after = values(schema, "fsdp2", config=str(src)), values(schema, "fsdp2", config=str(out))
-    assert {k for k in before if before[k] != after[k]} <= noted
+    assert {k for k in before if before[k] != after[k]} == {"workers"}
+    assert any(n.startswith("workers:") for n in meg.notes)
 
 
 def test_batch_translation_needs_the_world_size(tmp_path):

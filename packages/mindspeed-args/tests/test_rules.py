@@ -206,20 +206,13 @@ CASES = [
          {"cuda_device_max_connections": 1}),
 ]
 
-# Passing overrides that the schema's value checks reject although a rule asks for them (none now).
-SCHEMA_CONFLICTS: set[tuple[str, str]] = set()
-
-
-# Rule bugs found by these cases; strict, so fixing the rule makes the xfail fail as a reminder.
-KNOWN_BUGS: dict = {}
 
 
 def _ids(rows):
     return [row[0] for row in rows]
 
 
-@pytest.mark.parametrize("rule_id, fail, ok, world_size",
-                         [pytest.param(*row, id=row[0], marks=KNOWN_BUGS.get(row[0], ())) for row in CASES])
+@pytest.mark.parametrize("rule_id, fail, ok, world_size", CASES, ids=_ids(CASES))
 def test_rule_fails_then_passes(rule_id, fail, ok, world_size):
     rule = RULES_BY_ID[rule_id]
     bad = values_for(fail, world_size=world_size)
@@ -254,8 +247,7 @@ def test_case_values_are_valid_schema_values(rule_id, fail, ok, world_size):
         values = values_for(overrides, world_size=world_size)
         problems = {n for v in value_violations(schema, Resolved("megatron", values, {}, {}))
                     if v.rule != "value.required" for n in v.params if n in overrides}
-        expected = {n for (rid, n) in SCHEMA_CONFLICTS if rid == rule_id and overrides is ok}
-        assert problems == expected, (rule_id, problems)
+        assert problems == set(), (rule_id, problems)
 
 
 def test_cases_cover_every_rule_and_ids_are_unique():

@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 violations found, 2 unusable input (unknown flag, unreadable
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 from mindspeed_args.convert import convert
@@ -74,8 +75,6 @@ def run(argv: list[str]) -> int:
 def _show(schema, name: str) -> int:
     p = schema.find(name)
     if p is None:
-        import difflib
-
         close = difflib.get_close_matches(name.lstrip("-").replace("-", "_"), list(schema.params), n=3)
         raise UsageError(f"unknown parameter {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     print(show(p))

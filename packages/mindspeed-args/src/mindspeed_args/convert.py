@@ -8,17 +8,19 @@ The output is parsed back in the target dialect and must give the same values.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from mindspeed_args.derive import data_parallel_size
 from mindspeed_args.dialects import fsdp2, megatron, swift
 from mindspeed_args.dialects.flags import read_flags_file, split_shell
 from mindspeed_args.errors import UsageError
 from mindspeed_args.schema import Schema, load_schema
-from mindspeed_args.validate import read_inputs, resolve
+from mindspeed_args.validate import read_inputs, resolve, value_problem
 from mindspeed_args.values import same, to_text
 
 
@@ -41,16 +43,9 @@ class _Work:
     problems: list[str] = field(default_factory=list)
 
 
-def _dp(w: _Work) -> int | None:
-    model = 1
-    for n in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
-        model *= w.values.get(n) or 1
-    return w.world_size // model if w.world_size and w.world_size % model == 0 else None
-
-
 def _batch_from_fsdp2(w: _Work) -> None:
     w.accounted.add("gradient_accumulation_steps")
-    dp = _dp(w)
+    dp = data_parallel_size(w.values, w.world_size)
     if dp is None:
         w.problems.append("global batch = data-parallel size x per_device_train_batch_size x "
                           "gradient_accumulation_steps: pass --world-size N (number of devices)")
@@ -63,7 +58,8 @@ def _batch_from_fsdp2(w: _Work) -> None:
 
 def _batch_to_fsdp2(w: _Work) -> None:
     w.accounted.add("global_batch_size")
-    gbs, mbs, dp = w.values.get("global_batch_size"), w.values.get("micro_batch_size") or 1, _dp(w)
+    gbs, mbs = w.values.get("global_batch_size"), w.values.get("micro_batch_size") or 1
+    dp = data_parallel_size(w.values, w.world_size)
     if gbs is None:
         return
     if dp is None or gbs % (mbs * dp):
@@ -139,8 +135,11 @@ def _carry(schema: Schema, w: _Work, src: str, dst: str) -> dict[str, Any]:
             w.notes.append(f"{name}: unset in the source; megatron flags cannot unset it, so megatron's default "
                            f"{to_text(p.default_for(dst))} applies")
             continue
-        problem = None if _expressible(p, dst) else "has no key there"
-        problem = problem or _value_problem(p, value, dst)
+        if _expressible(p, dst):
+            found = value_problem(p, value, dst)
+            problem = found[1] if found else None
+        else:
+            problem = "has no key there"
         if problem and name not in w.explicit:
             if _expressible(p, dst):
                 w.notes.append(f"{name}: the source default {to_text(value)} is not valid in {dst}; "
@@ -153,14 +152,6 @@ def _carry(schema: Schema, w: _Work, src: str, dst: str) -> dict[str, Any]:
     return out
 
 
-def _value_problem(p, value: Any, dst: str) -> str | None:
-    choices = p.choices_for(dst)
-    items = value if isinstance(value, list) else [value]
-    if choices and value is not None and not all(any(same(v, c) for c in choices) for v in items):
-        return "allowed: " + ", ".join(to_text(c) for c in choices if c is not None)
-    return None
-
-
 def _expressible(p, dst: str) -> bool:
     return dst in p.spellings or (dst == "swift" and "megatron" in p.spellings)
 
@@ -170,20 +161,13 @@ def _render(schema: Schema, dst: str, values: dict[str, Any]) -> tuple[str, list
         doc, problems = fsdp2.render(schema, values)
         return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), problems
     argv, problems = (megatron if dst == "megatron" else swift).render(schema, values)
-    pairs, line = [], []
-    for tok in argv:
-        if tok.startswith("--") and line:
-            pairs.append(line)
-            line = []
-        line.append(tok if tok.startswith("--") else _quote(tok))
-    pairs.append(line) if line else None
-    return " \\\n".join("    " + " ".join(p) for p in pairs) + "\n", problems
-
-
-def _quote(tok: str) -> str:
-    import shlex
-
-    return shlex.quote(tok)
+    lines: list[list[str]] = []
+    for tok in argv:  # one flag and its values per line
+        if tok.startswith("--"):
+            lines.append([tok])
+        else:
+            lines[-1].append(shlex.quote(tok))
+    return " \\\n".join("    " + " ".join(line) for line in lines) + "\n", problems
 
 
 def convert(src: str, dst: str, path: str | None = None, argv: Sequence[str] = (),

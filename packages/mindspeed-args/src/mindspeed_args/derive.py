@@ -33,6 +33,13 @@ def _size(values: dict, name: str) -> int:
     return values.get(name) or 1
 
 
+def data_parallel_size(values: dict, world_size: int | None) -> int | None:
+    """world size / (TP x PP x CP), or None when unknown or not a whole number."""
+    model = _size(values, "tensor_model_parallel_size") * _size(values, "pipeline_model_parallel_size") \
+        * _size(values, "context_parallel_size")
+    return world_size // model if world_size and world_size % model == 0 else None
+
+
 def derive(values: dict[str, Any], dialect: str, world_size: int | None) -> list[Notice]:
     """Update ``values`` in place with forced and derived values; return the notices."""
     notes: list[Notice] = []
@@ -79,11 +86,9 @@ def _sizes(values: dict, dialect: str, world_size: int | None) -> list[Notice]:
     values["ulysses_degree"] = uly if algo in ("ulysses_cp_algo", "hybrid_cp_algo", "hybrid_adaptive_cp_algo") else None
     values["ring_degree"] = cp // uly if algo == "hybrid_cp_algo" and uly and cp % uly == 0 else None
     values["world_size"] = world_size
-    model = _size(values, "tensor_model_parallel_size") * _size(values, "pipeline_model_parallel_size") * cp
-    dp = world_size // model if world_size and world_size % model == 0 else None
-    values["data_parallel_size"] = dp
+    dp = values["data_parallel_size"] = data_parallel_size(values, world_size)
     if dp is not None:
-        notes.append(Notice("data_parallel_size", dp, f"world size {world_size} / (TP x PP x CP = {model})"))
+        notes.append(Notice("data_parallel_size", dp, f"world size {world_size} / (TP x PP x CP = {world_size // dp})"))
     if dialect == "fsdp2" and dp is not None and values.get("micro_batch_size"):
         # Seed 001 maps global batch = devices x per-device batch x accumulation. Devices that
         # share a TP/CP group see the same samples, so the data-parallel size is the right factor;

@@ -45,15 +45,20 @@ class Spelling:
         return f"{self.section}.{self.name}" if self.section else self.name
 
     def to_canonical(self, value: Any) -> Any:
-        if isinstance(value, list):
-            return [self.values.get(v, v) if isinstance(v, str) else v for v in value]
-        return self.values.get(value, value) if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+        return map_value(self.values, value)
 
     def from_canonical(self, value: Any) -> Any:
-        inverse = {v: k for k, v in self.values.items()}
-        if isinstance(value, list):
-            return [inverse.get(v, v) for v in value]
-        return inverse.get(value, value) if value is None or isinstance(value, (str, int)) else value
+        return map_value({v: k for k, v in self.values.items()}, value)
+
+
+def map_value(vmap: Mapping, value: Any) -> Any:
+    """Apply a value map to a scalar or to each item of a list. Booleans are never mapped
+    (True == 1 as a dict key)."""
+    if isinstance(value, list):
+        return [map_value(vmap, v) for v in value]
+    if value is None or (isinstance(value, (str, int)) and not isinstance(value, bool)):
+        return vmap.get(value, value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -188,31 +193,18 @@ class _Builder:
         for _, e in mine:
             values.update(e.get("values") or {})
         choices = [c for _, e in mine for c in _canonical_choices(e)]
-        canon = _value_mapper(values)
         return Spelling(
-            dialect=dialect, name=names.pop(), default=canon(entry.get("default")),
+            dialect=dialect, name=names.pop(), default=map_value(values, entry.get("default")),
             section=entry.get("section"), values=MappingProxyType(values),
             choices=tuple(dict.fromkeys(choices)) if choices else None,
             required=any(e.get("required") for _, e in mine),
-            source_defaults=MappingProxyType({s: canon(e.get("default")) for s, e in mine}),
+            source_defaults=MappingProxyType({s: map_value(values, e.get("default")) for s, e in mine}),
         )
-
-
-def _value_mapper(vmap: dict):
-    """Map a dialect default (scalar or list) to canonical spelling."""
-
-    def canon(v):
-        if isinstance(v, list):
-            return [vmap.get(x, x) if isinstance(x, (str, int)) else x for x in v]
-        return vmap.get(v, v) if isinstance(v, (str, int)) and not isinstance(v, bool) else v
-
-    return canon
 
 
 def _canonical_choices(entry: dict) -> list:
     """An entry's choices in canonical spelling (applying its dialect value map)."""
-    vmap = entry.get("values") or {}
-    return [vmap.get(c, c) if isinstance(c, (str, int)) else c for c in (entry.get("choices") or ())]
+    return [map_value(entry.get("values") or {}, c) for c in (entry.get("choices") or ())]
 
 
 def _tightest(name: str, ranges: list) -> tuple | None:

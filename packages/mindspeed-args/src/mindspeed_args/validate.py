@@ -89,13 +89,15 @@ def value_violations(schema: Schema, resolved: Resolved) -> list[Violation]:
     out = []
     for p in schema.params.values():
         value = resolved.values.get(p.name)
-        problem = _value_problem(p, value, resolved.dialect)
+        problem = value_problem(p, value, resolved.dialect)
         if problem:
             out.append(Violation(f"value.{problem[0]}", "schema", {p.name: value}, problem[1], problem[2]))
     return out
 
 
-def _value_problem(p: Param, value: Any, dialect: str) -> tuple[str, str, str] | None:
+def value_problem(p: Param, value: Any, dialect: str) -> tuple[str, str, str] | None:
+    """(kind, constraint, fix) when ``value`` breaks the schema's required/choices/range for
+    ``dialect``; None when it is fine."""
     sp = p.spellings.get(dialect)
     if value is None:
         if sp is not None and sp.required:

@@ -6,6 +6,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from mindspeed_args.errors import UsageError
+
 
 @dataclass(frozen=True)
 class FlagUse:
@@ -52,18 +54,20 @@ def read_flags_file(path: str) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        from mindspeed_args.errors import UsageError
-
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     try:
         tokens = split_shell(text)
     except ValueError as exc:
-        from mindspeed_args.errors import UsageError
-
         raise UsageError(f"{path}: cannot split into shell words ({exc})") from None
-    # Launcher options (torchrun --nproc_per_node ...) come before the script: skip through it.
-    scripts = [i for i, t in enumerate(tokens) if t.endswith(".py") or (t in ("pt", "sft", "rlhf") and i
-               and tokens[i - 1] == "megatron")]
-    start = scripts[-1] + 1 if scripts else 0
-    first = next((i for i, t in enumerate(tokens) if i >= start and _is_flag(t)), len(tokens))
+    start = _after_launcher(tokens)
+    first = next((i for i in range(start, len(tokens)) if _is_flag(tokens[i])), len(tokens))
     return tokens[first:]
+
+
+def _after_launcher(tokens: list[str]) -> int:
+    """Index just past the training script ('pretrain_gpt.py', 'megatron sft'): the launcher's own
+    options (torchrun --nproc_per_node ...) come before it. 0 when there is no script."""
+    for i in range(len(tokens) - 1, -1, -1):
+        if tokens[i].endswith(".py") or (i and tokens[i - 1] == "megatron" and tokens[i] in ("pt", "sft", "rlhf")):
+            return i + 1
+    return 0

@@ -73,10 +73,6 @@ class Violation:
         return f"[{self.rule}] {shown}: {self.constraint}; fix: {self.fix}"
 
 
-def when_all(*preds: Callable[[View], bool]) -> Callable[[View], bool]:
-    return lambda v: all(p(v) for p in preds)
-
-
 def multiple_of(value: int | None, m: int | None) -> bool:
     """True when value is unset, m unusable, or value % m == 0."""
     return value is None or not m or value % m == 0
