@@ -1,5 +1,6 @@
 """Sessions: tests (everything, one environment), isolated (one fresh venv per package),
-lint (ruff), checks (versions, layering, generated docs), demo (the main end-to-end job).
+lint (ruff), checks (versions, layering, generated docs), demo (the main end-to-end job),
+bench (kernel benchmarks; not in the default set: minutes and ~16 GiB at full size).
 
 torch and megatron-core are pinned by constraints.txt. Sibling packages are always installed
 from this tree, all paths in one pip call, so pip never takes a same-named package from an index.
@@ -21,6 +22,8 @@ nox.options.reuse_existing_virtualenvs = True
 PYTHON = "3.11"
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 TEST_TOOLS = ("pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3")
+# What the tests compare against that no package depends on (Hugging Face's RoPE tables, logits).
+TEST_REFERENCES = ("transformers",)
 PACKAGES = sorted(load_packages())
 
 
@@ -32,7 +35,7 @@ def _pip(session: nox.Session, *args: str) -> None:
 def tests(session: nox.Session) -> None:
     """Every package installed editable in one environment; the whole suite."""
     editable = [a for p in PACKAGES for a in ("-e", str(ROOT / "packages" / p))]
-    _pip(session, *TEST_TOOLS, "packaging", *editable)
+    _pip(session, *TEST_TOOLS, *TEST_REFERENCES, "packaging", *editable)
     session.run("pytest", "-q", *(session.posargs or ["packages", "tools/tests"]))
 
 
@@ -54,11 +57,19 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def checks(session: nox.Session) -> None:
-    """Sibling ranges and changelogs, import layering, and docs/args.md freshness."""
-    _pip(session, "packaging", str(ROOT / "packages" / "mindspeed-args"))
+    """Sibling ranges and changelogs, import layering, and generated docs' freshness."""
+    _pip(session, "packaging", str(ROOT / "packages" / "mindspeed-args"), str(ROOT / "packages" / "mindspeed-kernels"))
     session.run("python", "tools/check_versions.py")
     session.run("python", "tools/check_layering.py")
     session.run("python", "tools/gen_args_docs.py", "--check")
+    session.run("python", "tools/gen_kernels_docs.py", "--check")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Kernel benchmarks: ours vs naive formulas, time and peak-memory ratios (not run by default)."""
+    _pip(session, str(ROOT / "packages" / "mindspeed-kernels"))
+    session.run("python", "tools/bench/kernels.py", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -27,7 +27,11 @@ ALLOWED = {
     "mindspeed-args": set(),
 }
 # Arrows allowed only lazily (inside a function) and only as optional dependencies.
-OPTIONAL = {"mindspeed-models": {"mindspeed-ckpt"}, "mindspeed-ckpt": {"mindspeed-models"}}
+OPTIONAL = {
+    "mindspeed-models": {"mindspeed-ckpt"},
+    "mindspeed-ckpt": {"mindspeed-models"},
+    "mindspeed-cli": {"mindspeed-kernels"},  # `mindspeed env` lists kernel backends when installed
+}
 # Import name -> distribution, for third-party modules whose names differ.
 MODULE_TO_DIST = {"yaml": "pyyaml", "megatron": "megatron-core", "torch_npu": "torch-npu"}
 # Test-only imports every package's tests may use.

@@ -8,25 +8,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from docgen import write_or_check
+
 from mindspeed_args.docs import render
 
 TARGET = Path(__file__).resolve().parents[1] / "docs" / "args.md"
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        if not TARGET.exists() or TARGET.read_text(encoding="utf-8") != text:
-            print(f"{TARGET} is stale: run python tools/gen_args_docs.py")
-            return 1
-        print(f"{TARGET.name} is up to date")
-        return 0
-    tmp = TARGET.with_suffix(".md.tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(TARGET)
-    print(f"wrote {TARGET}")
-    return 0
+    return write_or_check(TARGET, render(), argv, "python tools/gen_args_docs.py")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def test_unknown_command_names_the_package_to_install(plugins):
 def test_env_reports_versions_device_and_backend(plugins):
     r = run(plugins, "env")
     assert r.returncode == 0
-    for key in ("python", "torch", "megatron-core", "transformers", "device", "collective backend"):
+    for key in ("python", "torch", "megatron-core", "transformers", "device", "collective backend", "kernel backends"):
         assert key in r.stdout
     assert any(b in r.stdout for b in ("gloo", "nccl", "hccl"))
+    assert "reference ok" in r.stdout or "mindspeed-kernels not installed" in r.stdout

@@ -35,13 +35,22 @@ def device_and_backend() -> tuple[str, str]:
     return "cpu", "gloo"
 
 
+def kernel_backends() -> str:
+    """mindspeed-kernels' backends and why each unusable one is, when that package is installed."""
+    if importlib.util.find_spec("mindspeed_kernels") is None:
+        return "mindspeed-kernels not installed"
+    from mindspeed_kernels import registry
+
+    return "; ".join(f"{name} {'ok' if why is None else '- ' + why}" for name, why in registry.availability().items())
+
+
 def main(argv: list[str]) -> int:
     if argv:
         print(f"error: mindspeed env takes no arguments (got {' '.join(argv)})")
         return 2
     device, backend = device_and_backend()
     rows = [("python", platform.python_version()), *((lib, _version(lib)) for lib in LIBRARIES),
-            ("device", device), ("collective backend", backend)]
+            ("device", device), ("collective backend", backend), ("kernel backends", kernel_backends())]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
