@@ -1,0 +1,220 @@
+"""CPU: ``torch.cuda`` as the adapted megatron-core modules see it, and the CPU replacements.
+
+`CpuCuda` implements the ``torch.cuda`` calls listed in `seams.SHIM_CALLS`:
+
+- ``current_device()`` is ``torch.device("cpu")`` (not an int: megatron passes it to ``device=``,
+  ``.to()`` and ``with torch.device(...)``, and an int means an accelerator index);
+- streams, events, ``synchronize`` and ``empty_cache`` are no-ops (CPU work is synchronous);
+- the "CUDA" generator is torch's CPU default generator, the one CPU ops (dropout, init) draw
+  from, so ``CudaRNGStatesTracker.fork()`` switches the stream CPU ops use and per-TP-rank
+  streams still differ. Seeding goes through ``torch.default_generator.manual_seed``, not
+  ``torch.manual_seed``: that one also calls ``torch.cuda.manual_seed_all``, which would recurse
+  into this shim if torch.cuda were ever patched globally.
+
+Any other attribute is the real ``torch.cuda``'s (e.g. ``is_available()`` stays False).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import types
+
+import torch
+
+from mindspeed_models.adaptor.patching import MISSING
+
+
+class NullEvent:
+    """An event on a synchronous device: always complete."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
+        del enable_timing, blocking, interprocess
+
+    def record(self, stream=None) -> None:
+        return None
+
+    def wait(self, stream=None) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end_event: NullEvent) -> float:
+        return 0.0
+
+
+class NullStream:
+    """A stream on a synchronous device: work is done when it is issued."""
+
+    def __init__(self, device=None, priority: int = 0, **_kwargs) -> None:
+        del device, priority
+
+    def wait_stream(self, stream) -> None:
+        return None
+
+    def wait_event(self, event) -> None:
+        return None
+
+    def record_event(self, event: NullEvent | None = None) -> NullEvent:
+        return event if event is not None else NullEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+class _DefaultGenerators:
+    """``torch.cuda.default_generators[i]`` for any index (an int or a device): the CPU generator."""
+
+    def __getitem__(self, index) -> torch.Generator:
+        return torch.default_generator
+
+    def __len__(self) -> int:
+        return 1
+
+
+_DEFAULT_STREAM = NullStream()
+
+
+def _get_rng_state(device=None) -> torch.Tensor:
+    return torch.default_generator.get_state()
+
+
+def _set_rng_state(new_state: torch.Tensor, device=None) -> None:
+    torch.default_generator.set_state(new_state)
+
+
+def _manual_seed(seed: int) -> None:
+    torch.default_generator.manual_seed(int(seed))
+
+
+class CpuCuda:
+    """``torch.cuda`` for megatron-core modules running on CPU (see the module docstring)."""
+
+    Stream = NullStream
+    Event = NullEvent
+    default_generators = _DefaultGenerators()
+    random = types.SimpleNamespace(get_rng_state=_get_rng_state, set_rng_state=_set_rng_state, manual_seed=_manual_seed)
+    get_rng_state = staticmethod(_get_rng_state)
+    set_rng_state = staticmethod(_set_rng_state)
+    manual_seed = staticmethod(_manual_seed)
+    manual_seed_all = staticmethod(_manual_seed)
+
+    @staticmethod
+    def current_device() -> torch.device:
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(device=None) -> None:
+        return None
+
+    @staticmethod
+    def empty_cache() -> None:
+        return None
+
+    @staticmethod
+    def stream(stream) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def current_stream(device=None) -> NullStream:
+        return _DEFAULT_STREAM
+
+    @staticmethod
+    def default_stream(device=None) -> NullStream:
+        return _DEFAULT_STREAM
+
+    def __getattr__(self, name: str):
+        # Only reached for attributes not defined above: the real torch.cuda's.
+        return getattr(torch.cuda, name)
+
+    def __repr__(self) -> str:
+        return "<torch.cuda adapted to cpu by mindspeed_models.adaptor>"
+
+
+def lazy_call(callback, **_kwargs) -> None:
+    """``torch.cuda._lazy_call`` on CPU: there is no lazy CUDA initialisation to wait for."""
+    callback()
+
+
+def host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``maybe_move_tensor_to_cpu`` for any device: tensors not on the host are copied there
+    (megatron copies only CUDA tensors), and ``as_numpy`` applies to host tensors too, so the
+    alltoall split sizes reach ``all_to_all_single`` as numpy arrays as they do on CUDA."""
+    if not torch.is_tensor(tensor):
+        return tensor
+    if tensor.device.type != "cpu":
+        if record_stream:  # the copy runs on the dispatcher's side stream: keep the source alive
+            tensor.record_stream(getattr(torch, tensor.device.type).current_stream())
+        tensor = tensor.to("cpu", non_blocking=True)
+    return tensor.numpy() if as_numpy else tensor
+
+
+def process_rss() -> int:
+    """Resident set size of this process in bytes (what megatron's checkpoint writers log),
+    without psutil."""
+    from mindspeed_kernels.accelerator import memory_stats
+
+    return memory_stats("cpu").current_bytes
+
+
+def _ordered_p2p_factory(original):
+    """``_batched_p2p_ops`` for gloo: megatron's ``_p2p_ops`` of the same module (ordered sends and
+    receives), returning the list of requests the batched caller expects."""
+    p2p_ops = sys.modules[original.__module__]._p2p_ops
+
+    def batched_p2p_ops(**kwargs) -> list:
+        return list(p2p_ops(**kwargs).values())
+
+    return batched_p2p_ops
+
+
+def _norm_new_factory(original):
+    """``WrappedTorchNorm.__new__`` that builds the torch norm under sequence parallelism too."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, *args, **kwargs):
+        if not getattr(config, "sequence_parallel", False):
+            return original(cls, config, hidden_size, eps, *args, **kwargs)
+        # The norm itself is per token, so SP only needs its params' grads summed over TP, which
+        # finalize_model_grads does for params tagged .sequence_parallel (as apex/TE norms are).
+        # A shallow copy does not re-run TransformerConfig.__post_init__.
+        relaxed = copy_config(config, sequence_parallel=False)
+        norm = original(cls, relaxed, hidden_size, eps, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    return staticmethod(__new__)
+
+
+def copy_config(config, **changes):
+    """A shallow copy of a (dataclass) config with ``changes``, without re-running validation."""
+    out = copy.copy(config)
+    for name, value in changes.items():
+        setattr(out, name, value)
+    return out
+
+
+# attr-seam key -> factory(original) -> replacement. SHARED: fixes for what is missing off CUDA
+# (apex/TE norms, TE's GEMM, psutil, CUDA-only host copies), the same on cpu and npu.
+SHARED_REPLACEMENTS = {
+    ("transformer.torch_norm", "WrappedTorchNorm.__new__"): _norm_new_factory,
+    ("transformer.moe.moe_utils", "te_general_gemm"): lambda original: None if original is MISSING else original,
+    ("transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu"): lambda original: host_copy,
+    ("dist_checkpointing.strategies.filesystem_async", "_process_memory"): lambda original: process_rss,
+}
+REPLACEMENTS = {
+    **SHARED_REPLACEMENTS,
+    ("tensor_parallel.random", "_lazy_call"): lambda original: lazy_call,
+    ("pipeline_parallel.p2p_communication", "_batched_p2p_ops"): _ordered_p2p_factory,
+}
+# log-seam key -> message to drop: on CPU the "CUDA" generator is the CPU one, so the check in
+# CudaRNGStatesTracker.fork() that the CPU state did not move fires on every forked draw.
+LOG_FILTERS = {("tensor_parallel.random", "logger"): "CPU RNG state changed within GPU RNG context"}

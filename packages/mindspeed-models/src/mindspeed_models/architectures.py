@@ -1,0 +1,310 @@
+"""The explicit registry of Hugging Face architectures: which ``config.json`` keys each one reads.
+
+Pure data (no torch, no megatron import), so documentation can be generated from it. Each
+:class:`Architecture` lists every key that changes the model, with the value ``transformers``
+assumes when the key is absent, where the value goes (a megatron ``TransformerConfig`` field,
+a :class:`~mindspeed_models.config.ModelSpec` field, or the RoPE tables) and, for keys
+implemented only partly, the values that are supported: any other value is an error, never
+ignored. :mod:`mindspeed_models.config` reads keys only through these tables.
+
+Adding an architecture (MoE, MLA and MTP come later): add its keys here and an entry to
+:data:`ARCHITECTURES`; ``layer_kind`` names the spec builder in :mod:`mindspeed_models.spec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "GENERIC_IGNORED_KEYS",
+    "HFKey",
+    "get_architecture",
+    "key_table",
+]
+
+
+@dataclass(frozen=True)
+class HFKey:
+    """One ``config.json`` key of an architecture.
+
+    ``default`` is what ``transformers`` assumes when the key is absent (``None`` with ``derived``
+    set: computed from other keys, as ``derived`` says). ``target`` names where the value goes
+    ("TransformerConfig.<field>", "ModelSpec.<field>", "rope", or "-" for keys that are only
+    checked). ``supported``, when not None, is the tuple of values implemented: any other value
+    raises. ``note`` says how the value is mapped.
+    """
+
+    name: str
+    default: object
+    target: str
+    note: str = ""
+    supported: tuple | None = None
+    derived: str = ""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A Hugging Face ``model_type`` and how its config maps onto megatron-core.
+
+    ``qkv_bias``/``qk_norm`` are fixed properties of the architecture (Qwen2 always has q/k/v
+    biases; Qwen3 always normalises q and k per head). ``layer_kind`` selects the layer spec
+    builder ("dense" for now).
+    """
+
+    model_type: str
+    hf_class: str
+    layer_kind: str
+    qkv_bias: bool
+    qk_norm: bool
+    keys: tuple[HFKey, ...]
+
+    def key(self, name: str) -> HFKey:
+        """The rule for ``name``; KeyError if this architecture does not read it."""
+        for k in self.keys:
+            if k.name == name:
+                return k
+        raise KeyError(name)
+
+
+def _sizes(vocab: int, hidden: int, ffn: int, heads: int, kv_heads: int | None, max_pos: int) -> tuple[HFKey, ...]:
+    kv_derived = "num_attention_heads" if kv_heads is None else ""
+    return (
+        HFKey("vocab_size", vocab, "ModelSpec.vocab_size", "padded to make_vocab_size_divisible_by x TP when asked"),
+        HFKey("hidden_size", hidden, "TransformerConfig.hidden_size"),
+        HFKey("intermediate_size", ffn, "TransformerConfig.ffn_hidden_size"),
+        HFKey("num_hidden_layers", 32, "TransformerConfig.num_layers"),
+        HFKey("num_attention_heads", heads, "TransformerConfig.num_attention_heads"),
+        HFKey(
+            "num_key_value_heads",
+            kv_heads,
+            "TransformerConfig.num_query_groups",
+            "GQA: K/V heads, never repeated",
+            derived=kv_derived,
+        ),
+        HFKey(
+            "max_position_embeddings",
+            max_pos,
+            "ModelSpec.max_position_embeddings",
+            "GPTModel max_sequence_length; default original context of llama3/yarn RoPE",
+        ),
+    )
+
+
+def _common() -> tuple[HFKey, ...]:
+    return (
+        HFKey("rms_norm_eps", 1e-6, "TransformerConfig.layernorm_epsilon", "RMSNorm through mindspeed_kernels"),
+        HFKey(
+            "hidden_act",
+            "silu",
+            "TransformerConfig.gated_linear_unit",
+            "silu -> SwiGLU, fc1 = [gate | up]",
+            supported=("silu",),
+        ),
+        HFKey(
+            "tie_word_embeddings",
+            False,
+            "ModelSpec.tie_word_embeddings",
+            "share_embeddings_and_output_weights (no output_layer.weight)",
+        ),
+        HFKey("initializer_range", 0.02, "TransformerConfig.init_method_std"),
+        HFKey("attention_dropout", 0.0, "TransformerConfig.attention_dropout", "hidden_dropout is 0 (HF has none)"),
+        HFKey("rope_theta", 10000.0, "rope", "base; legacy spelling (transformers<5), else rope_parameters.rope_theta"),
+        HFKey(
+            "rope_scaling",
+            None,
+            "rope",
+            "legacy spelling of rope_parameters; wins over it when set, as in transformers",
+        ),
+        HFKey(
+            "rope_parameters",
+            None,
+            "rope",
+            "rope_type default | llama3 | yarn (mindspeed_kernels.rope); yarn's attention factor m is folded "
+            "into TransformerConfig.softmax_scale as m**2",
+        ),
+        HFKey("partial_rotary_factor", 1.0, "rope", "partial RoPE is not implemented", supported=(1.0, 1)),
+    )
+
+
+def _sliding(default_window: int) -> tuple[HFKey, ...]:
+    return (
+        HFKey("use_sliding_window", False, "TransformerConfig.window_size", "true: window on the layers below"),
+        HFKey(
+            "sliding_window",
+            default_window,
+            "TransformerConfig.window_size",
+            "W keys incl. the query's own -> window_size (W - 1, 0), band mode of flash_attention",
+        ),
+        HFKey(
+            "max_window_layers",
+            28,
+            "TransformerConfig.window_attn_skip_freq",
+            "layers with index >= this use the window (when layer_types is absent)",
+        ),
+        HFKey(
+            "layer_types",
+            None,
+            "TransformerConfig.window_attn_skip_freq",
+            "per layer: full_attention | sliding_attention",
+            derived="use_sliding_window and max_window_layers",
+        ),
+    )
+
+
+_LLAMA = Architecture(
+    model_type="llama",
+    hf_class="LlamaForCausalLM",
+    layer_kind="dense",
+    qkv_bias=False,
+    qk_norm=False,
+    keys=_sizes(32000, 4096, 11008, 32, None, 2048)
+    + _common()
+    + (
+        HFKey("head_dim", None, "TransformerConfig.kv_channels", derived="hidden_size // num_attention_heads"),
+        HFKey(
+            "attention_bias",
+            False,
+            "TransformerConfig.add_qkv_bias",
+            "true also adds an o_proj bias, which the dense spec does not build",
+            supported=(False,),
+        ),
+        HFKey("mlp_bias", False, "-", "MLP biases are not implemented", supported=(False,)),
+        HFKey("pretraining_tp", 1, "-", "HF-only slicing of the same matmuls; no effect on the result"),
+    ),
+)
+
+_QWEN2 = Architecture(
+    model_type="qwen2",
+    hf_class="Qwen2ForCausalLM",
+    layer_kind="dense",
+    qkv_bias=True,
+    qk_norm=False,
+    keys=_sizes(151936, 4096, 22016, 32, 32, 32768)
+    + _common()
+    + (HFKey("head_dim", None, "TransformerConfig.kv_channels", derived="hidden_size // num_attention_heads"),)
+    + _sliding(4096),
+)
+
+_QWEN3 = Architecture(
+    model_type="qwen3",
+    hf_class="Qwen3ForCausalLM",
+    layer_kind="dense",
+    qkv_bias=False,
+    qk_norm=True,
+    keys=_sizes(151936, 4096, 22016, 32, 32, 32768)
+    + _common()
+    + (
+        HFKey("head_dim", 128, "TransformerConfig.kv_channels", "independent of hidden_size / heads"),
+        HFKey(
+            "attention_bias",
+            False,
+            "TransformerConfig.add_qkv_bias",
+            "true also adds an o_proj bias, which the dense spec does not build",
+            supported=(False,),
+        ),
+    )
+    + _sliding(4096),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (_LLAMA, _QWEN2, _QWEN3)}
+"""Every supported ``model_type``; the only place an architecture is registered."""
+
+GENERIC_IGNORED_KEYS: frozenset[str] = frozenset(
+    {
+        "_name_or_path",
+        "add_cross_attention",
+        "architectures",
+        "auto_map",
+        "bad_words_ids",
+        "begin_suppress_tokens",
+        "bos_token_id",
+        "chunk_size_feed_forward",
+        "cross_attention_hidden_size",
+        "decoder_start_token_id",
+        "diversity_penalty",
+        "do_sample",
+        "dtype",
+        "early_stopping",
+        "encoder_no_repeat_ngram_size",
+        "eos_token_id",
+        "exponential_decay_length_penalty",
+        "finetuning_task",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "id2label",
+        "is_decoder",
+        "is_encoder_decoder",
+        "label2id",
+        "length_penalty",
+        "max_length",
+        "min_length",
+        "model_type",
+        "no_repeat_ngram_size",
+        "num_beam_groups",
+        "num_beams",
+        "num_return_sequences",
+        "output_attentions",
+        "output_hidden_states",
+        "output_scores",
+        "pad_token_id",
+        "prefix",
+        "problem_type",
+        "pruned_heads",
+        "remove_invalid_values",
+        "repetition_penalty",
+        "return_dict",
+        "return_dict_in_generate",
+        "sep_token_id",
+        "suppress_tokens",
+        "task_specific_params",
+        "temperature",
+        "tf_legacy_loss",
+        "tie_encoder_decoder",
+        "tokenizer_class",
+        "top_k",
+        "top_p",
+        "torch_dtype",
+        "torchscript",
+        "transformers_version",
+        "typical_p",
+        "use_bfloat16",
+        "use_cache",
+    }
+)
+"""Keys of every HF config that do not change the network (token ids, generation and export
+settings; ``torch_dtype``/``dtype``: the parameter dtype is chosen by the caller)."""
+
+REJECTED_KEYS: dict[str, str] = {
+    "quantization_config": "quantized checkpoints are not supported; load an unquantized (bf16/fp16/fp32) model",
+}
+"""Keys whose mere presence is an error, with the reason."""
+
+
+def get_architecture(model_type: object) -> Architecture:
+    """The registered :class:`Architecture` for ``model_type``; ValueError naming the registered ones."""
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ValueError(f"config.json: model_type={model_type!r} is not supported; registered architectures: {known}")
+    return ARCHITECTURES[model_type]
+
+
+def key_table() -> list[dict[str, str]]:
+    """One row per (architecture, key), as strings, for generated documentation (docs/models.md)."""
+    rows = []
+    for arch in ARCHITECTURES.values():
+        for k in arch.keys:
+            default = f"= {k.derived}" if k.derived else repr(k.default)
+            supported = "any" if k.supported is None else " | ".join(map(repr, k.supported))
+            rows.append(
+                {
+                    "model_type": arch.model_type,
+                    "key": k.name,
+                    "default": default,
+                    "target": k.target,
+                    "supported": supported,
+                    "note": k.note,
+                }
+            )
+    return rows
