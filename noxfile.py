@@ -58,11 +58,13 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def checks(session: nox.Session) -> None:
     """Sibling ranges and changelogs, import layering, and generated docs' freshness."""
-    _pip(session, "packaging", str(ROOT / "packages" / "mindspeed-args"), str(ROOT / "packages" / "mindspeed-kernels"))
+    docs_sources = ("mindspeed-args", "mindspeed-kernels", "mindspeed-parallel", "mindspeed-models")
+    _pip(session, "packaging", *(str(ROOT / "packages" / p) for p in docs_sources))
     session.run("python", "tools/check_versions.py")
     session.run("python", "tools/check_layering.py")
     session.run("python", "tools/gen_args_docs.py", "--check")
     session.run("python", "tools/gen_kernels_docs.py", "--check")
+    session.run("python", "tools/gen_models_docs.py", "--check")
 
 
 @nox.session(python=PYTHON)

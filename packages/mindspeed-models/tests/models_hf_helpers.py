@@ -103,3 +103,34 @@ def assert_logits_match(ours: torch.Tensor, theirs: torch.Tensor, mask: torch.Te
     assert diff <= atol, f"max abs logit diff {diff:.3g} > {atol}"
     assert torch.equal(a.argmax(-1), b.argmax(-1)), "argmax differs"
     return diff
+
+
+MOE_SIZES = dict(num_local_experts=8, num_experts_per_tok=2)
+"""Tiny MoE routing for tiny_hf(..., **MOE_SIZES): 8 experts, top-2 (qwen3_moe also takes moe_intermediate_size)."""
+
+
+def naive_moe_state(hf_config: dict, hf_model: torch.nn.Module, padded_vocab: int | None = None) -> dict[str, torch.Tensor]:
+    """megatron local-spec state dict (TP=1, EP=1) of an HF qwen3_moe / mixtral model, renamed by hand.
+
+    transformers 5 holds each MoE layer's experts fused in memory: ``mlp.experts.gate_up_proj``
+    [E, 2F, H] (gate rows then up rows, as megatron's fc1) and ``mlp.experts.down_proj`` [E, H, F];
+    the router is ``mlp.gate.weight`` [E, H]. Dense layers (qwen3_moe mlp_only_layers) keep dense names.
+    """
+    sd = hf_model.state_dict()
+    moe_layers = [i for i in range(hf_config["num_hidden_layers"]) if f"model.layers.{i}.mlp.experts.gate_up_proj" in sd]
+
+    class _WithDenseStandIns:
+        # naive_state renames attention/norms/embeddings; it expects dense MLP names, given here as stand-ins.
+        def state_dict(self):
+            extra = {f"model.layers.{i}.mlp.{p}_proj.weight": torch.empty(0) for i in moe_layers for p in ("gate", "up", "down")}
+            return {**sd, **extra}
+
+    out = naive_state(hf_config, _WithDenseStandIns(), padded_vocab)
+    for i in moe_layers:
+        hf, mc = f"model.layers.{i}.mlp.", f"decoder.layers.{i}.mlp."
+        del out[mc + "linear_fc1.weight"], out[mc + "linear_fc2.weight"]
+        out[mc + "router.weight"] = sd[hf + "gate.weight"]
+        for e, (fc1, fc2) in enumerate(zip(sd[hf + "experts.gate_up_proj"], sd[hf + "experts.down_proj"], strict=True)):
+            out[f"{mc}experts.local_experts.{e}.linear_fc1.weight"] = fc1
+            out[f"{mc}experts.local_experts.{e}.linear_fc2.weight"] = fc2
+    return out

@@ -10,10 +10,10 @@ import pytest
 from mindspeed_models.architectures import ARCHITECTURES, GENERIC_IGNORED_KEYS, get_architecture, key_table
 
 
-def test_registry_lists_the_dense_architectures():
-    assert sorted(ARCHITECTURES) == ["llama", "qwen2", "qwen3"]
+def test_registry_lists_the_architectures():
+    assert sorted(ARCHITECTURES) == ["llama", "mixtral", "qwen2", "qwen3", "qwen3_moe"]
     for name, arch in ARCHITECTURES.items():
-        assert arch.model_type == name and arch.layer_kind == "dense"
+        assert arch.model_type == name and arch.layer_kind == ("moe" if name in ("mixtral", "qwen3_moe") else "dense")
         names = [k.name for k in arch.keys]
         assert len(names) == len(set(names)), f"{name}: duplicate keys"
         assert not set(names) & GENERIC_IGNORED_KEYS
@@ -26,7 +26,7 @@ def test_registry_lists_the_dense_architectures():
 
 def test_get_architecture_errors():
     assert get_architecture("qwen3") is ARCHITECTURES["qwen3"]
-    with pytest.raises(ValueError, match="registered architectures: llama, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="registered architectures: llama, mixtral, qwen2, qwen3, qwen3_moe"):
         get_architecture("gpt2")
     with pytest.raises(KeyError):
         ARCHITECTURES["llama"].key("use_sliding_window")

@@ -7,13 +7,13 @@ a :class:`~mindspeed_models.config.ModelSpec` field, or the RoPE tables) and, fo
 implemented only partly, the values that are supported: any other value is an error, never
 ignored. :mod:`mindspeed_models.config` reads keys only through these tables.
 
-Adding an architecture (MoE, MLA and MTP come later): add its keys here and an entry to
+Adding an architecture: add its keys here and an entry to
 :data:`ARCHITECTURES`; ``layer_kind`` names the spec builder in :mod:`mindspeed_models.spec`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = [
     "ARCHITECTURES",
@@ -50,7 +50,8 @@ class Architecture:
 
     ``qkv_bias``/``qk_norm`` are fixed properties of the architecture (Qwen2 always has q/k/v
     biases; Qwen3 always normalises q and k per head). ``layer_kind`` selects the layer spec
-    builder ("dense" for now).
+    builder ("dense", or "moe": router + SequentialMLP experts per
+    layer, dense where ``TransformerConfig.moe_layer_freq`` says 0).
     """
 
     model_type: str
@@ -208,7 +209,100 @@ _QWEN3 = Architecture(
     + _sliding(4096),
 )
 
-ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (_LLAMA, _QWEN2, _QWEN3)}
+
+def _with_defaults(keys: tuple[HFKey, ...], **defaults) -> tuple[HFKey, ...]:
+    """``keys`` with the transformers defaults of some of them changed (per-architecture defaults)."""
+    return tuple(replace(k, default=defaults[k.name]) if k.name in defaults else k for k in keys)
+
+
+def _moe(experts: str, alias: str, experts_default: int, topk_default: int) -> tuple[HFKey, ...]:
+    """Router keys shared by the MoE architectures; ``experts`` is the canonical spelling, ``alias`` the other."""
+    return (
+        HFKey(experts, experts_default, "TransformerConfig.num_moe_experts", f"{alias} is the same key; both must agree"),
+        HFKey(alias, None, "TransformerConfig.num_moe_experts", f"transformers 5 spelling of {experts}", derived=experts),
+        HFKey("num_experts_per_tok", topk_default, "TransformerConfig.moe_router_topk"),
+        HFKey(
+            "router_aux_loss_coef",
+            0.001,
+            "TransformerConfig.moe_aux_loss_coeff",
+            "load-balancing loss in training only (megatron's per-layer aux_loss; HF adds it only with "
+            "output_router_logits); no effect on logits",
+        ),
+        HFKey("output_router_logits", False, "-", "HF forward output switch; ignored (megatron tracks its own aux loss)"),
+    )
+
+
+_QWEN3_MOE = Architecture(
+    model_type="qwen3_moe",
+    hf_class="Qwen3MoeForCausalLM",
+    layer_kind="moe",
+    qkv_bias=False,
+    qk_norm=True,
+    keys=_with_defaults(_sizes(151936, 2048, 6144, 32, 4, 32768), num_hidden_layers=24)
+    + _common()
+    + _moe("num_experts", "num_local_experts", 128, 8)
+    + (
+        HFKey("head_dim", None, "TransformerConfig.kv_channels", derived="hidden_size // num_attention_heads"),
+        HFKey(
+            "attention_bias",
+            False,
+            "TransformerConfig.add_qkv_bias",
+            "true also adds an o_proj bias, which the layer spec does not build",
+            supported=(False,),
+        ),
+        HFKey(
+            "moe_intermediate_size",
+            768,
+            "TransformerConfig.moe_ffn_hidden_size",
+            "per expert; intermediate_size is the dense layers'",
+        ),
+        HFKey(
+            "norm_topk_prob",
+            False,
+            "TransformerConfig.moe_router_pre_softmax",
+            "softmax over all experts then top-k; true renormalises the k (= megatron pre_softmax=False), "
+            "false keeps them (pre_softmax=True)",
+            supported=(False, True),
+        ),
+        HFKey("decoder_sparse_step", 1, "TransformerConfig.moe_layer_freq", "layer i is MoE when (i + 1) % step == 0"),
+        HFKey("mlp_only_layers", [], "TransformerConfig.moe_layer_freq", "indices of dense (intermediate_size) layers"),
+        HFKey(
+            "shared_expert_intermediate_size",
+            None,
+            "-",
+            "qwen3_moe has no shared expert (qwen2_moe's key); any size is an error",
+            supported=(None, 0),
+            derived="no value: transformers' Qwen3MoeConfig has no such key",
+        ),
+        HFKey("use_sliding_window", False, "-", "sliding windows are not implemented for MoE models", supported=(False,)),
+        HFKey("sliding_window", 4096, "-", "read only when use_sliding_window is true (transformers sets it to None)"),
+    ),
+)
+
+_MIXTRAL = Architecture(
+    model_type="mixtral",
+    hf_class="MixtralForCausalLM",
+    layer_kind="moe",
+    qkv_bias=False,
+    qk_norm=False,
+    # intermediate_size is each expert's size (moe_ffn_hidden_size = ffn_hidden_size).
+    keys=_sizes(32000, 4096, 14336, 32, 8, 131072)
+    + _with_defaults(_common(), rms_norm_eps=1e-5, rope_theta=1e6)
+    + _moe("num_local_experts", "num_experts", 8, 2)
+    + (
+        HFKey("head_dim", None, "TransformerConfig.kv_channels", derived="hidden_size // num_attention_heads"),
+        HFKey(
+            "router_jitter_noise",
+            0.0,
+            "-",
+            "training-time multiplicative input noise of the router, not implemented",
+            supported=(0.0, 0),
+        ),
+        HFKey("sliding_window", None, "-", "sliding windows are not implemented for MoE models", supported=(None,)),
+    ),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (_LLAMA, _QWEN2, _QWEN3, _QWEN3_MOE, _MIXTRAL)}
 """Every supported ``model_type``; the only place an architecture is registered."""
 
 GENERIC_IGNORED_KEYS: frozenset[str] = frozenset(

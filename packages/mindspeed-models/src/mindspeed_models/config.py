@@ -144,12 +144,16 @@ def from_hf_config(config: Mapping | str | os.PathLike, **overrides) -> ModelSpe
     values = _resolve(arch, hf)
     divisible_by = overrides.pop("make_vocab_size_divisible_by", 1)
     tc_kwargs = _transformer_kwargs(arch, values)
+    if arch.layer_kind == "moe":
+        tc_kwargs.update(_moe_kwargs(arch, hf, values))
     rope = _rope_settings(values, tc_kwargs["kv_channels"])
     if rope.attention_factor != 1.0:
         # HF multiplies cos and sin by the factor m; q and k are both rotated, so every score
         # q.k is scaled by m**2 — exactly a softmax scale of m**2 / sqrt(head_dim).
         tc_kwargs["softmax_scale"] = rope.attention_factor**2 / math.sqrt(tc_kwargs["kv_channels"])
     tc_kwargs.update(_check_overrides(overrides))
+    if arch.layer_kind == "moe":
+        _check_moe_overrides(tc_kwargs)
     tconfig = TransformerConfig(**tc_kwargs)
     vocab = values["vocab_size"]
     return ModelSpec(
@@ -230,7 +234,8 @@ def _number(name: str, value) -> None:
 
 
 def _transformer_kwargs(arch: Architecture, v: dict[str, Any]) -> dict[str, Any]:
-    window_size, skip_freq = _window(v) if "use_sliding_window" in v else (None, None)
+    # Only the dense families read the per-layer window keys; MoE ones accept no window (checked).
+    window_size, skip_freq = _window(v) if "max_window_layers" in v else (None, None)
     return dict(
         num_layers=v["num_hidden_layers"],
         hidden_size=v["hidden_size"],
@@ -262,6 +267,79 @@ def _transformer_kwargs(arch: Architecture, v: dict[str, Any]) -> dict[str, Any]
         cuda_graph_scope=[],  # megatron's default "full" means the same but warns on every config
         use_cpu_initialization=accelerator.device_type() == "cpu",
     )
+
+
+def _moe_kwargs(arch: Architecture, hf: dict, v: dict[str, Any]) -> dict[str, Any]:
+    """Router/expert TransformerConfig fields of an MoE architecture (``v`` from :func:`_resolve`)."""
+    experts = _num_experts(arch, hf)
+    topk = v["num_experts_per_tok"]
+    _positive_int("num_experts_per_tok", topk)
+    if topk > experts:
+        raise ValueError(f"config.json: num_experts_per_tok={topk} must be <= the number of experts ({experts})")
+    # qwen3_moe: moe_intermediate_size; mixtral: intermediate_size is the expert size.
+    ffn = v.get("moe_intermediate_size", v["intermediate_size"])
+    _positive_int("moe_intermediate_size", ffn)
+    # Mixtral always renormalises its top-k softmax probabilities (it has no norm_topk_prob key).
+    renormalise = v.get("norm_topk_prob", True)
+    if not isinstance(renormalise, bool):
+        raise ValueError(f"config.json: norm_topk_prob={renormalise!r} must be true or false")
+    _number("router_aux_loss_coef", v["router_aux_loss_coef"])
+    return dict(
+        num_moe_experts=experts,
+        moe_router_topk=topk,
+        moe_ffn_hidden_size=ffn,
+        moe_layer_freq=_moe_layer_freq(v),
+        # HF: p = softmax(all logits), top-k of p, then p / sum(top-k p) iff renormalising.
+        # megatron pre_softmax=False: top-k of logits, softmax over the k — the same renormalised
+        # probabilities (softmax is monotonic); pre_softmax=True keeps softmax-over-all values.
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not renormalise,
+        moe_router_topk_scaling_factor=None,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=float(v["router_aux_loss_coef"]),
+        moe_token_dispatcher_type="alltoall",
+        # False: megatron's SequentialMLP; True: mindspeed_models.moe.GroupedSwiGLUExperts (grouped
+        # GEMM). Both hold local_experts.{e}.linear_fc1/linear_fc2, the names of mindspeed_ckpt.maps.
+        moe_grouped_gemm=False,
+    )
+
+
+def _num_experts(arch: Architecture, hf: dict) -> int:
+    """The expert count from either spelling (num_experts / num_local_experts); both set must agree.
+
+    Absent both, the architecture's default (the key of the pair whose default is not derived).
+    """
+    pair = [k for k in arch.keys if k.target == "TransformerConfig.num_moe_experts"]
+    given = {k.name: hf[k.name] for k in pair if hf.get(k.name) is not None}
+    for name, value in given.items():
+        _positive_int(name, value)
+    if len(set(given.values())) > 1:
+        raise ValueError(f"config.json: num_experts and num_local_experts disagree ({given}); keep one of them")
+    if given:
+        return next(iter(given.values()))
+    return next(k.default for k in pair if not k.derived)
+
+
+def _moe_layer_freq(v: dict[str, Any]) -> int | list[int]:
+    """megatron moe_layer_freq: 1 when every layer is MoE, else a 0/1 list (qwen3_moe's dense layers)."""
+    layers = v["num_hidden_layers"]
+    step = v.get("decoder_sparse_step", 1)
+    dense = v.get("mlp_only_layers", [])
+    _positive_int("decoder_sparse_step", step)
+    if not isinstance(dense, (list, tuple)) or not all(isinstance(i, int) and 0 <= i < layers for i in dense):
+        raise ValueError(f"config.json: mlp_only_layers={dense!r} must list layer indices in [0, {layers})")
+    flags = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
+    if not any(flags):
+        raise ValueError("config.json: decoder_sparse_step/mlp_only_layers leave no MoE layer; use the dense qwen3 architecture")
+    return 1 if all(flags) else flags
+
+
+def _check_moe_overrides(kwargs: dict[str, Any]) -> None:
+    if kwargs["moe_token_dispatcher_type"] not in ("alltoall", "allgather"):
+        raise ValueError(
+            f"from_hf_config: moe_token_dispatcher_type={kwargs['moe_token_dispatcher_type']!r} is not supported; "
+            "use 'alltoall' (default) or 'allgather'"
+        )
 
 
 def _window(v: dict[str, Any]) -> tuple[tuple[int, int] | None, list[int] | None]:

@@ -16,6 +16,8 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -28,8 +30,15 @@ from megatron.core.transformer.transformer_layer import (
 from mindspeed_models.architectures import Architecture
 from mindspeed_models.attention import FlashAttention
 from mindspeed_models.layers import RMSNorm, SwiGLU
+from mindspeed_models.moe import GroupedSwiGLUExperts
 
-__all__ = ["block_submodules", "dense_layer_spec", "layer_specs"]
+__all__ = ["block_submodules", "dense_layer_spec", "layer_specs", "moe_layer_spec"]
+
+
+def _swiglu_mlp() -> MLPSubmodules:
+    # Every MLP built from these specs must name an activation module: the config sets
+    # use_te_activation_func, without which megatron would skip it (see config.py).
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, activation_func=SwiGLU, linear_fc2=RowParallelLinear)
 
 
 def dense_layer_spec(config: TransformerConfig, *, qk_norm: bool) -> ModuleSpec:
@@ -37,6 +46,36 @@ def dense_layer_spec(config: TransformerConfig, *, qk_norm: bool) -> ModuleSpec:
 
     ``qk_norm`` adds per-head RMSNorms on q and k (Qwen3), applied before RoPE.
     """
+    mlp = ModuleSpec(module=MLP, params={"ffn_hidden_size": config.ffn_hidden_size}, submodules=_swiglu_mlp())
+    # As megatron's local spec: torch_dist checkpoints then match TransformerEngine models,
+    # whose norms are fused into the following linear layers.
+    keys_map = {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+    }
+    return _layer_spec(mlp, keys_map, qk_norm=qk_norm)
+
+
+def moe_layer_spec(config: TransformerConfig, *, qk_norm: bool) -> ModuleSpec:
+    """A pre-norm GPT layer whose MLP is megatron's MoELayer: router (``mlp.router.weight``
+    [experts, hidden]) and ``SequentialMLP`` experts (``mlp.experts.local_experts.{e}.linear_fc1``
+    [2 x moe_ffn, hidden] = [gate | up], ``linear_fc2`` [hidden, moe_ffn]), each a SwiGLU MLP.
+
+    Routing, top-k and token dispatch follow the ``moe_*`` fields of the TransformerConfig;
+    ``config.moe_grouped_gemm`` swaps the experts' forward for one grouped GEMM per projection
+    (:class:`~mindspeed_models.moe.GroupedSwiGLUExperts`, same parameters and names).
+    """
+    experts = GroupedSwiGLUExperts if config.moe_grouped_gemm else SequentialMLP
+    mlp = ModuleSpec(
+        module=MoELayer,
+        submodules=MoESubmodules(experts=ModuleSpec(module=experts, submodules=_swiglu_mlp()), shared_experts=None),
+        metainfo={"fuse_pre_mlp_layernorm": False},
+    )
+    # A TransformerEngine MoE layer keeps pre_mlp_layernorm separate: only the attention norm is fused.
+    return _layer_spec(mlp, {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}, qk_norm=qk_norm)
+
+
+def _layer_spec(mlp: ModuleSpec, keys_map: dict[str, str], *, qk_norm: bool) -> ModuleSpec:
     qk_layernorm = RMSNorm if qk_norm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
@@ -55,26 +94,28 @@ def dense_layer_spec(config: TransformerConfig, *, qk_norm: bool) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            # Every MLP built from these specs must name an activation module: the config sets
-            # use_te_activation_func, without which megatron would skip it (see config.py).
-            mlp=ModuleSpec(
-                module=MLP,
-                params={"ffn_hidden_size": config.ffn_hidden_size},
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, activation_func=SwiGLU, linear_fc2=RowParallelLinear),
-            ),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
-            # As megatron's local spec: torch_dist checkpoints then match TransformerEngine models,
-            # whose norms are fused into the following linear layers.
-            sharded_state_dict_keys_map={
-                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-            },
+            sharded_state_dict_keys_map=keys_map,
         ),
     )
 
 
-_BUILDERS = {"dense": lambda arch, config: dense_layer_spec(config, qk_norm=arch.qk_norm)}
-"""layer_kind -> builder(arch, config) of one layer's spec; MoE/MLA kinds slot in here."""
+def _moe_layers(arch: Architecture, config: TransformerConfig) -> tuple[ModuleSpec, ...]:
+    """MoE layers where ``config.moe_layer_freq`` is 1 (an int 1 = every layer), dense SwiGLU MLPs elsewhere."""
+    freq = config.moe_layer_freq
+    if not isinstance(freq, list):
+        # config.py maps the HF keys only to 1 or a list; an int override N means every N-th layer, as megatron.
+        freq = [int(i % freq == 0) for i in range(config.num_layers)]
+    moe, dense = moe_layer_spec(config, qk_norm=arch.qk_norm), dense_layer_spec(config, qk_norm=arch.qk_norm)
+    return tuple(moe if flag else dense for flag in freq)
+
+
+_BUILDERS = {
+    "dense": lambda arch, config: (dense_layer_spec(config, qk_norm=arch.qk_norm),) * config.num_layers,
+    "moe": _moe_layers,
+}
+"""layer_kind -> builder(arch, config) of every global layer's spec; MLA kinds slot in here."""
 
 
 def layer_specs(arch: Architecture, config: TransformerConfig) -> tuple[ModuleSpec, ...]:
@@ -84,8 +125,7 @@ def layer_specs(arch: Architecture, config: TransformerConfig) -> tuple[ModuleSp
     except KeyError:
         known = sorted(_BUILDERS)
         raise ValueError(f"layer_kind={arch.layer_kind!r} of {arch.model_type} has no spec builder; known: {known}") from None
-    spec = build(arch, config)
-    return (spec,) * config.num_layers
+    return build(arch, config)
 
 
 def block_submodules(
