@@ -51,7 +51,8 @@ class Architecture:
     ``qkv_bias``/``qk_norm`` are fixed properties of the architecture (Qwen2 always has q/k/v
     biases; Qwen3 always normalises q and k per head). ``layer_kind`` selects the layer spec
     builder ("dense", or "moe": router + SequentialMLP experts per
-    layer, dense where ``TransformerConfig.moe_layer_freq`` says 0).
+    layer, dense where ``TransformerConfig.moe_layer_freq`` says 0, or "mla_moe": the same with
+    multi-latent attention, shared experts and DeepSeek-V3's sigmoid router).
     """
 
     model_type: str
@@ -302,7 +303,124 @@ _MIXTRAL = Architecture(
     ),
 )
 
-ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (_LLAMA, _QWEN2, _QWEN3, _QWEN3_MOE, _MIXTRAL)}
+
+def _mla() -> tuple[HFKey, ...]:
+    """Multi-latent attention keys (mindspeed_models.mla.mla_config_fields)."""
+    return (
+        HFKey("q_lora_rank", 1536, "TransformerConfig.q_lora_rank", "null: no q compression (linear_q_proj)"),
+        HFKey("kv_lora_rank", 512, "TransformerConfig.kv_lora_rank"),
+        HFKey("qk_nope_head_dim", 128, "TransformerConfig.qk_head_dim"),
+        HFKey("qk_rope_head_dim", 64, "TransformerConfig.qk_pos_emb_head_dim"),
+        HFKey("v_head_dim", 128, "TransformerConfig.v_head_dim"),
+        HFKey(
+            "rope_interleave",
+            True,
+            "-",
+            "megatron's MLA de-interleaves the rope channels as transformers does",
+            supported=(True,),
+        ),
+        HFKey("attention_bias", False, "-", "MLA projections have no bias", supported=(False,)),
+        HFKey(
+            "head_dim",
+            None,
+            "-",
+            "written by transformers; MLA head dims come from the keys above",
+            derived="qk_rope_head_dim",
+        ),
+        HFKey("qk_head_dim", None, "-", "written by transformers; not read", derived="qk_nope_head_dim + qk_rope_head_dim"),
+    )
+
+
+_ORIGINAL_KEY = "absent from transformers' DeepseekV3Config (original DeepSeek config.json key)"
+
+
+def _deepseek_moe() -> tuple[HFKey, ...]:
+    """DeepSeek-V3 router/expert keys; the router is mindspeed_models.moe.SigmoidGroupRouter."""
+    return (
+        HFKey("n_routed_experts", 256, "TransformerConfig.num_moe_experts", "num_local_experts is the same key"),
+        HFKey(
+            "num_local_experts",
+            None,
+            "TransformerConfig.num_moe_experts",
+            "alias of n_routed_experts",
+            derived="n_routed_experts",
+        ),
+        HFKey("num_experts_per_tok", 8, "TransformerConfig.moe_router_topk"),
+        HFKey("moe_intermediate_size", 2048, "TransformerConfig.moe_ffn_hidden_size", "per routed expert"),
+        HFKey(
+            "n_shared_experts",
+            1,
+            "TransformerConfig.moe_shared_expert_intermediate_size",
+            "= n_shared_experts x moe_intermediate_size (one ungated shared MLP); 0: none",
+        ),
+        HFKey("first_k_dense_replace", 3, "TransformerConfig.moe_layer_freq", "the first k layers are dense (intermediate_size)"),
+        HFKey(
+            "moe_layer_freq",
+            1,
+            "TransformerConfig.moe_layer_freq",
+            "every layer after the dense ones",
+            supported=(1,),
+            derived=_ORIGINAL_KEY,
+        ),
+        HFKey("n_group", 8, "TransformerConfig.moe_router_num_groups", "groups ranked by the sum of their 2 best scores"),
+        HFKey("topk_group", 4, "TransformerConfig.moe_router_group_topk"),
+        HFKey(
+            "norm_topk_prob",
+            True,
+            "ModelSpec.layer_specs",
+            "divide the k sigmoid scores by their sum (megatron's sigmoid router always would)",
+            supported=(True, False),
+        ),
+        HFKey("routed_scaling_factor", 2.5, "TransformerConfig.moe_router_topk_scaling_factor", "after the normalisation"),
+        HFKey(
+            "scoring_func",
+            "sigmoid",
+            "TransformerConfig.moe_router_score_function",
+            "",
+            supported=("sigmoid",),
+            derived=_ORIGINAL_KEY,
+        ),
+        HFKey(
+            "topk_method",
+            "noaux_tc",
+            "TransformerConfig.moe_router_enable_expert_bias",
+            "e_score_correction_bias -> mlp.router.expert_bias, for selection only",
+            supported=("noaux_tc",),
+            derived=_ORIGINAL_KEY,
+        ),
+        HFKey(
+            "aux_loss_alpha",
+            0.001,
+            "-",
+            "training-only sequence aux loss, not applied (load balancing 'none')",
+            derived=_ORIGINAL_KEY,
+        ),
+        HFKey("seq_aux", True, "-", "see aux_loss_alpha", derived=_ORIGINAL_KEY),
+        HFKey("ep_size", 1, "-", "use the expert_model_parallel_size override", derived=_ORIGINAL_KEY),
+        HFKey("output_router_logits", False, "-", "HF forward output switch; ignored"),
+        HFKey(
+            "num_nextn_predict_layers",
+            1,
+            "-",
+            "MTP layers are not built (transformers does not run them; ModelSpec.hf_config says 0)",
+        ),
+        HFKey("pretraining_tp", 1, "-", "HF-only slicing of the same matmuls; no effect on the result"),
+    )
+
+
+_DEEPSEEK_V3 = Architecture(
+    model_type="deepseek_v3",
+    hf_class="DeepseekV3ForCausalLM",
+    layer_kind="mla_moe",
+    qkv_bias=False,
+    qk_norm=False,
+    keys=_with_defaults(_sizes(129280, 7168, 18432, 128, 128, 4096), num_hidden_layers=61)
+    + tuple(k for k in _common() if k.name != "partial_rotary_factor")
+    + _mla()
+    + _deepseek_moe(),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (_LLAMA, _QWEN2, _QWEN3, _QWEN3_MOE, _MIXTRAL, _DEEPSEEK_V3)}
 """Every supported ``model_type``; the only place an architecture is registered."""
 
 GENERIC_IGNORED_KEYS: frozenset[str] = frozenset(

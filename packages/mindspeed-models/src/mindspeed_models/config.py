@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import warnings
@@ -20,15 +21,19 @@ from typing import Any
 
 import torch.nn.functional as F
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from mindspeed_kernels import accelerator
 from mindspeed_kernels.rope import RopeScaling
 from mindspeed_models import architectures
 from mindspeed_models.architectures import Architecture
+from mindspeed_models.mla import mla_config_fields
+from mindspeed_models.moe import SigmoidRouting
 from mindspeed_models.spec import layer_specs
 
 __all__ = ["ModelSpec", "RopeSettings", "from_hf_config", "read_hf_config"]
+
+_log = logging.getLogger(__name__)
 
 SPEC_OVERRIDES = ("make_vocab_size_divisible_by",)
 """Overrides of :func:`from_hf_config` that are not TransformerConfig fields."""
@@ -144,22 +149,30 @@ def from_hf_config(config: Mapping | str | os.PathLike, **overrides) -> ModelSpe
     values = _resolve(arch, hf)
     divisible_by = overrides.pop("make_vocab_size_divisible_by", 1)
     tc_kwargs = _transformer_kwargs(arch, values)
+    mla = arch.layer_kind == "mla_moe"
+    options: dict[str, Any] = {}
     if arch.layer_kind == "moe":
         tc_kwargs.update(_moe_kwargs(arch, hf, values))
+    elif mla:
+        mla_kwargs, options = _deepseek_kwargs(arch, hf, values)
+        tc_kwargs.update(mla_kwargs)
     rope = _rope_settings(values, tc_kwargs["kv_channels"])
-    if rope.attention_factor != 1.0:
+    if rope.attention_factor != 1.0 and not mla:
         # HF multiplies cos and sin by the factor m; q and k are both rotated, so every score
         # q.k is scaled by m**2 — exactly a softmax scale of m**2 / sqrt(head_dim).
+        # (megatron's MLA applies YaRN itself, mscale included.)
         tc_kwargs["softmax_scale"] = rope.attention_factor**2 / math.sqrt(tc_kwargs["kv_channels"])
     tc_kwargs.update(_check_overrides(overrides))
-    if arch.layer_kind == "moe":
+    if arch.layer_kind in ("moe", "mla_moe"):
         _check_moe_overrides(tc_kwargs)
-    tconfig = TransformerConfig(**tc_kwargs)
+    if mla:
+        hf = _check_deepseek_overrides(tc_kwargs, hf)
+    tconfig = (MLATransformerConfig if mla else TransformerConfig)(**tc_kwargs)
     vocab = values["vocab_size"]
     return ModelSpec(
         architecture=arch.model_type,
         config=tconfig,
-        layer_specs=layer_specs(arch, tconfig),
+        layer_specs=layer_specs(arch, tconfig, options),
         vocab_size=vocab,
         padded_vocab_size=_pad_vocab(vocab, divisible_by, tconfig.tensor_model_parallel_size),
         max_position_embeddings=values["max_position_embeddings"],
@@ -208,6 +221,8 @@ def _resolve(arch: Architecture, hf: dict) -> dict[str, Any]:
             f"config.json: num_key_value_heads={values['num_key_value_heads']} must divide "
             f"num_attention_heads={values['num_attention_heads']}"
         )
+    if values["head_dim"] is None and "qk_rope_head_dim" in values:
+        values["head_dim"] = values["qk_rope_head_dim"]  # MLA: transformers' derived head_dim (the rope part)
     if values["head_dim"] is None:
         if values["hidden_size"] % values["num_attention_heads"]:
             raise ValueError(
@@ -334,6 +349,84 @@ def _moe_layer_freq(v: dict[str, Any]) -> int | list[int]:
     return 1 if all(flags) else flags
 
 
+_MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings")
+
+
+def _deepseek_kwargs(arch: Architecture, hf: dict, v: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(MLATransformerConfig MLA + MoE fields, spec builder options) of a DeepSeek-V3 config."""
+    if v["num_key_value_heads"] != v["num_attention_heads"]:
+        raise ValueError(
+            f"config.json: num_key_value_heads={v['num_key_value_heads']} must equal num_attention_heads="
+            f"{v['num_attention_heads']} for MLA (every head has its own k/v)"
+        )
+    fields = mla_config_fields({**hf, **{k: v[k] for k in _MLA_KEYS}, "rope_interleave": v["rope_interleave"]})
+    experts = _num_experts(arch, hf)
+    for name in ("num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
+        _positive_int(name, v[name])
+    topk, ffn, groups, topk_group = (v[k] for k in ("num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"))
+    if experts % groups or topk_group > groups:
+        raise ValueError(
+            f"config.json: n_group={groups} must divide n_routed_experts={experts} and be >= topk_group={topk_group}"
+        )
+    reachable = topk_group * (experts // groups)
+    if topk > reachable:
+        raise ValueError(f"config.json: num_experts_per_tok={topk} must be <= topk_group x experts per group ({reachable})")
+    shared, first_dense = v["n_shared_experts"], v["first_k_dense_replace"]
+    for name, value in (("n_shared_experts", shared), ("first_k_dense_replace", first_dense)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"config.json: {name}={value!r} must be an integer >= 0")
+    layers = v["num_hidden_layers"]
+    if first_dense >= layers:
+        raise ValueError(f"config.json: first_k_dense_replace={first_dense} leaves no MoE layer of {layers}; lower it")
+    if not isinstance(v["norm_topk_prob"], bool):
+        raise ValueError(f"config.json: norm_topk_prob={v['norm_topk_prob']!r} must be true or false")
+    _number("routed_scaling_factor", v["routed_scaling_factor"])
+    return dict(
+        fields,
+        num_moe_experts=experts,
+        moe_router_topk=topk,
+        moe_ffn_hidden_size=ffn,
+        moe_shared_expert_intermediate_size=shared * ffn or None,
+        moe_layer_freq=1 if first_dense == 0 else [int(i >= first_dense) for i in range(layers)],
+        # SigmoidGroupRouter: sigmoid scores, expert_bias (HF e_score_correction_bias) for the choice
+        # only, groups ranked by their 2 best scores, normalisation iff norm_topk_prob, then the factor.
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        # megatron's default rate of the training-time bias update (DeepSeek-V3 paper: 1e-3).
+        moe_router_bias_update_rate=1e-3,
+        moe_router_num_groups=groups,
+        moe_router_group_topk=topk_group,
+        moe_router_topk_scaling_factor=float(v["routed_scaling_factor"]),
+        moe_router_dtype="fp32",  # transformers keeps the gate and its logits in float32
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+    ), {"sigmoid_routing": SigmoidRouting(normalize=v["norm_topk_prob"])}
+
+
+def _check_deepseek_overrides(kwargs: dict[str, Any], hf: dict) -> dict:
+    """Reject router overrides SigmoidGroupRouter does not honour, and MTP; returns the hf config the
+    checkpoint maps should see (``num_nextn_predict_layers`` = 0: no MTP layer is built)."""
+    if kwargs.get("mtp_num_layers"):
+        raise ValueError(
+            f"from_hf_config: mtp_num_layers={kwargs['mtp_num_layers']} is not supported for deepseek_v3 yet; "
+            "leave it unset (MTP layers are not built)"
+        )
+    for field, value in (("moe_router_score_function", "sigmoid"), ("moe_router_load_balancing_type", "none")):
+        if kwargs[field] != value:
+            raise ValueError(f"from_hf_config: {field}={kwargs[field]!r} is not supported for deepseek_v3; only {value!r}")
+    mtp = hf.get("num_nextn_predict_layers", 1)
+    if mtp:
+        _log.warning(
+            "deepseek_v3: num_nextn_predict_layers=%s MTP layer(s) are not built (transformers does not run them); "
+            "the model is the main %s-layer decoder only",
+            mtp,
+            kwargs["num_layers"],
+        )
+    return {**hf, "num_nextn_predict_layers": 0}
+
+
 def _check_moe_overrides(kwargs: dict[str, Any]) -> None:
     if kwargs["moe_token_dispatcher_type"] not in ("alltoall", "allgather"):
         raise ValueError(
@@ -376,7 +469,7 @@ def _rope_settings(v: dict[str, Any], dim: int) -> RopeSettings:
         raise ValueError(f"config.json: rope parameters {sorted(extra)} are not read for rope type {rope_type!r}; remove them")
     base = params.get("rope_theta", v["rope_theta"])
     _number("rope_theta", base)
-    partial = params.get("partial_rotary_factor", v["partial_rotary_factor"])
+    partial = params.get("partial_rotary_factor", v.get("partial_rotary_factor", 1.0))
     if partial not in (1, 1.0):
         raise ValueError(f"config.json: partial_rotary_factor={partial!r} is not supported (partial RoPE); only 1.0")
     if rope_type == "default":

@@ -10,6 +10,11 @@ norms (:class:`~mindspeed_models.layers.RMSNorm`) and the MLP activation
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -18,6 +23,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -30,7 +36,8 @@ from megatron.core.transformer.transformer_layer import (
 from mindspeed_models.architectures import Architecture
 from mindspeed_models.attention import FlashAttention
 from mindspeed_models.layers import RMSNorm, SwiGLU
-from mindspeed_models.moe import GroupedSwiGLUExperts
+from mindspeed_models.mla import mla_layer_spec
+from mindspeed_models.moe import GroupedSwiGLUExperts, SigmoidGroupRouter, SigmoidRouting
 
 __all__ = ["block_submodules", "dense_layer_spec", "layer_specs", "moe_layer_spec"]
 
@@ -56,7 +63,7 @@ def dense_layer_spec(config: TransformerConfig, *, qk_norm: bool) -> ModuleSpec:
     return _layer_spec(mlp, keys_map, qk_norm=qk_norm)
 
 
-def moe_layer_spec(config: TransformerConfig, *, qk_norm: bool) -> ModuleSpec:
+def moe_layer_spec(config: TransformerConfig, *, qk_norm: bool, router: Any = None) -> ModuleSpec:
     """A pre-norm GPT layer whose MLP is megatron's MoELayer: router (``mlp.router.weight``
     [experts, hidden]) and ``SequentialMLP`` experts (``mlp.experts.local_experts.{e}.linear_fc1``
     [2 x moe_ffn, hidden] = [gate | up], ``linear_fc2`` [hidden, moe_ffn]), each a SwiGLU MLP.
@@ -64,13 +71,17 @@ def moe_layer_spec(config: TransformerConfig, *, qk_norm: bool) -> ModuleSpec:
     Routing, top-k and token dispatch follow the ``moe_*`` fields of the TransformerConfig;
     ``config.moe_grouped_gemm`` swaps the experts' forward for one grouped GEMM per projection
     (:class:`~mindspeed_models.moe.GroupedSwiGLUExperts`, same parameters and names).
+    ``config.moe_shared_expert_intermediate_size`` adds megatron's ungated ``SharedExpertMLP``
+    (``mlp.shared_experts.linear_fc1``/``linear_fc2``, SwiGLU) whose output is added to the experts'.
+    ``router``: a builder ``(config=, pg_collection=)`` of the router (None: megatron's ``TopKRouter``).
     """
     experts = GroupedSwiGLUExperts if config.moe_grouped_gemm else SequentialMLP
-    mlp = ModuleSpec(
-        module=MoELayer,
-        submodules=MoESubmodules(experts=ModuleSpec(module=experts, submodules=_swiglu_mlp()), shared_experts=None),
-        metainfo={"fuse_pre_mlp_layernorm": False},
-    )
+    shared = None
+    if config.moe_shared_expert_intermediate_size:
+        shared = ModuleSpec(module=SharedExpertMLP, submodules=_swiglu_mlp())  # gate: config.moe_shared_expert_gate (False)
+    extra = {} if router is None else {"router": router}
+    submodules = MoESubmodules(experts=ModuleSpec(module=experts, submodules=_swiglu_mlp()), shared_experts=shared, **extra)
+    mlp = ModuleSpec(module=MoELayer, submodules=submodules, metainfo={"fuse_pre_mlp_layernorm": False})
     # A TransformerEngine MoE layer keeps pre_mlp_layernorm separate: only the attention norm is fused.
     return _layer_spec(mlp, {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}, qk_norm=qk_norm)
 
@@ -101,31 +112,59 @@ def _layer_spec(mlp: ModuleSpec, keys_map: dict[str, str], *, qk_norm: bool) -> 
     )
 
 
-def _moe_layers(arch: Architecture, config: TransformerConfig) -> tuple[ModuleSpec, ...]:
-    """MoE layers where ``config.moe_layer_freq`` is 1 (an int 1 = every layer), dense SwiGLU MLPs elsewhere."""
+def _moe_flags(config: TransformerConfig) -> list[int]:
     freq = config.moe_layer_freq
     if not isinstance(freq, list):
         # config.py maps the HF keys only to 1 or a list; an int override N means every N-th layer, as megatron.
         freq = [int(i % freq == 0) for i in range(config.num_layers)]
+    return freq
+
+
+def _moe_layers(arch: Architecture, config: TransformerConfig, options: Mapping[str, Any]) -> tuple[ModuleSpec, ...]:
+    """MoE layers where ``config.moe_layer_freq`` is 1 (an int 1 = every layer), dense SwiGLU MLPs elsewhere."""
     moe, dense = moe_layer_spec(config, qk_norm=arch.qk_norm), dense_layer_spec(config, qk_norm=arch.qk_norm)
-    return tuple(moe if flag else dense for flag in freq)
+    return tuple(moe if flag else dense for flag in _moe_flags(config))
+
+
+def _mla(layer: ModuleSpec) -> ModuleSpec:
+    # MLA's input norm stays a separate module (TransformerEngine fuses the latent norms instead),
+    # so the fused-qkv key alias of the GQA specs does not apply.
+    layer = mla_layer_spec(layer)
+    keys_map = {k: v for k, v in layer.submodules.sharded_state_dict_keys_map.items() if k != "input_layernorm."}
+    return dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, sharded_state_dict_keys_map=keys_map))
+
+
+def _mla_moe_layers(arch: Architecture, config: TransformerConfig, options: Mapping[str, Any]) -> tuple[ModuleSpec, ...]:
+    """DeepSeek-V3: MLA everywhere; dense SwiGLU MLPs where ``moe_layer_freq`` is 0 (the first k layers), else
+    MoE with :class:`~mindspeed_models.moe.SigmoidGroupRouter` (``options["sigmoid_routing"]``) and shared experts."""
+    router = functools.partial(SigmoidGroupRouter, routing=options.get("sigmoid_routing", SigmoidRouting()))
+    moe = _mla(moe_layer_spec(config, qk_norm=arch.qk_norm, router=router))
+    dense = _mla(dense_layer_spec(config, qk_norm=arch.qk_norm))
+    return tuple(moe if flag else dense for flag in _moe_flags(config))
 
 
 _BUILDERS = {
-    "dense": lambda arch, config: (dense_layer_spec(config, qk_norm=arch.qk_norm),) * config.num_layers,
+    "dense": lambda arch, config, options: (dense_layer_spec(config, qk_norm=arch.qk_norm),) * config.num_layers,
     "moe": _moe_layers,
+    "mla_moe": _mla_moe_layers,
 }
-"""layer_kind -> builder(arch, config) of every global layer's spec; MLA kinds slot in here."""
+"""layer_kind -> builder(arch, config, options) of every global layer's spec."""
 
 
-def layer_specs(arch: Architecture, config: TransformerConfig) -> tuple[ModuleSpec, ...]:
-    """One spec per global layer (index 0 .. num_layers - 1) for ``arch``."""
+def layer_specs(
+    arch: Architecture, config: TransformerConfig, options: Mapping[str, Any] | None = None
+) -> tuple[ModuleSpec, ...]:
+    """One spec per global layer (index 0 .. num_layers - 1) for ``arch``.
+
+    ``options``: builder settings that are not TransformerConfig fields (``mla_moe``:
+    ``sigmoid_routing``, a :class:`~mindspeed_models.moe.SigmoidRouting`).
+    """
     try:
         build = _BUILDERS[arch.layer_kind]
     except KeyError:
         known = sorted(_BUILDERS)
         raise ValueError(f"layer_kind={arch.layer_kind!r} of {arch.model_type} has no spec builder; known: {known}") from None
-    return build(arch, config)
+    return build(arch, config, options or {})
 
 
 def block_submodules(
