@@ -19,7 +19,6 @@ import mindspeed_models as mm  # noqa: E402
 
 
 def _ours(hf_config: dict, hf_model, **overrides):
-    h = helpers
     with warnings.catch_warnings():
         # transformers' own config dicts must map without "key not read" warnings.
         warnings.filterwarnings("error", message="config.json keys not read")
@@ -27,18 +26,17 @@ def _ours(hf_config: dict, hf_model, **overrides):
     model = mm.build_model(spec).eval()
     from mindspeed_models.pretrained import load_state
 
-    load_state(model, h.naive_state(hf_config, hf_model, spec.padded_vocab_size))
+    load_state(model, helpers.naive_state(hf_config, hf_model, spec.padded_vocab_size))
     return spec, model
 
 
 def _compare(hf_config, hf_model, **overrides) -> float:
-    h = helpers
     spec, model = _ours(hf_config, hf_model, **overrides)
-    ids, mask = h.batch(hf_config["vocab_size"])
+    ids, mask = helpers.batch(hf_config["vocab_size"])
     with torch.no_grad():
         ours = mm.logits(model, ids, mask)
     assert ours.dtype == torch.float32 and ours.shape == (2, ids.shape[1], hf_config["vocab_size"])
-    return h.assert_logits_match(ours, h.hf_logits(hf_model, ids, mask), mask)
+    return helpers.assert_logits_match(ours, helpers.hf_logits(hf_model, ids, mask), mask)
 
 
 CASES = {
@@ -68,50 +66,47 @@ def test_logits_match_transformers(case):
 
 def test_features_are_exercised():
     """The cases above test what they claim: biases, tying, qk-norm, head_dim, scaled RoPE, windows."""
-    h = helpers
-    cfg, _ = h.tiny_hf("qwen2", tie_word_embeddings=True)
+    cfg, _ = helpers.tiny_hf("qwen2", tie_word_embeddings=True)
     spec = mm.from_hf_config(cfg)
     assert spec.config.add_qkv_bias and spec.tie_word_embeddings
     model = mm.build_model(spec)
     assert "output_layer.weight" not in model.state_dict()
-    cfg, _ = h.tiny_hf("qwen3", head_dim=24)
+    cfg, _ = helpers.tiny_hf("qwen3", head_dim=24)
     spec = mm.from_hf_config(cfg)
     assert spec.config.qk_layernorm and spec.config.kv_channels == 24 != cfg["hidden_size"] // cfg["num_attention_heads"]
-    cfg, _ = h.tiny_hf("llama", **CASES["llama_rope_llama3"][1])
+    cfg, _ = helpers.tiny_hf("llama", **CASES["llama_rope_llama3"][1])
     rope = mm.build_model(mm.from_hf_config(cfg)).rotary_pos_emb
     plain = 1.0 / 500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
     assert not torch.allclose(rope.inv_freq.double(), plain, rtol=1e-3)  # llama3 scaling changed frequencies
-    cfg, _ = h.tiny_hf("qwen2", **CASES["qwen2_yarn"][1])
+    cfg, _ = helpers.tiny_hf("qwen2", **CASES["qwen2_yarn"][1])
     assert mm.from_hf_config(cfg).rope.attention_factor > 1.1
-    cfg, _ = h.tiny_hf("qwen2", **CASES["qwen2_sliding_window"][1])
+    cfg, _ = helpers.tiny_hf("qwen2", **CASES["qwen2_sliding_window"][1])
     spec = mm.from_hf_config(cfg)
     assert spec.config.window_size == (2, 0) and spec.config.window_attn_skip_freq == [0, 1]
 
 
 def test_left_padding_and_unmasked_batch():
     """Left padding (masked keys before the tokens) and a batch without any mask also match."""
-    h = helpers
-    cfg, hf_model = h.tiny_hf("llama")
+    cfg, hf_model = helpers.tiny_hf("llama")
     _, model = _ours(cfg, hf_model)
-    ids, mask = h.batch(cfg["vocab_size"])
+    ids, mask = helpers.batch(cfg["vocab_size"])
     left_ids, left_mask = ids.flip(1), mask.flip(1)
     with torch.no_grad():
         ours = mm.logits(model, left_ids, left_mask)
-    h.assert_logits_match(ours, h.hf_logits(hf_model, left_ids, left_mask), left_mask)
+    helpers.assert_logits_match(ours, helpers.hf_logits(hf_model, left_ids, left_mask), left_mask)
     with torch.no_grad():
         ours = mm.logits(model, ids)
     full = torch.ones_like(mask)
-    h.assert_logits_match(ours, h.hf_logits(hf_model, ids, full), full)
+    helpers.assert_logits_match(ours, helpers.hf_logits(hf_model, ids, full), full)
 
 
 def test_packed_sequences_equal_separate_ones():
     """GPTModel with THD packed_seq_params (our TND attention, megatron's THD RoPE) = each sequence alone."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    h = helpers
-    cfg, hf_model = h.tiny_hf("qwen2")
+    cfg, hf_model = helpers.tiny_hf("qwen2")
     _, model = _ours(cfg, hf_model)
-    ids, mask = h.batch(cfg["vocab_size"])
+    ids, mask = helpers.batch(cfg["vocab_size"])
     lengths = mask.sum(1).tolist()
     packed = torch.cat([ids[r, :n] for r, n in enumerate(lengths)])[None]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -126,21 +121,19 @@ def test_packed_sequences_equal_separate_ones():
 
 
 def test_padded_vocabulary_is_cut_from_logits():
-    h = helpers
-    cfg, hf_model = h.tiny_hf("llama", vocab_size=250)
+    cfg, hf_model = helpers.tiny_hf("llama", vocab_size=250)
     spec, model = _ours(cfg, hf_model, make_vocab_size_divisible_by=128)
     assert spec.padded_vocab_size == 256 and spec.vocab_size == 250
     assert model.embedding.word_embeddings.weight.shape[0] == 256
-    ids, mask = h.batch(250)
+    ids, mask = helpers.batch(250)
     with torch.no_grad():
         ours = mm.logits(model, ids, mask)
     assert ours.shape[-1] == 250
-    h.assert_logits_match(ours, h.hf_logits(hf_model, ids, mask), mask)
+    helpers.assert_logits_match(ours, helpers.hf_logits(hf_model, ids, mask), mask)
 
 
 def test_logits_rejects_bad_input():
-    h = helpers
-    cfg, hf_model = h.tiny_hf("llama")
+    cfg, hf_model = helpers.tiny_hf("llama")
     _, model = _ours(cfg, hf_model)
     with pytest.raises(ValueError, match="input_ids"):
         mm.logits(model, torch.zeros(4, dtype=torch.long))

@@ -34,32 +34,6 @@ def _microbatches() -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _loss(output: torch.Tensor):
-    """Per-token losses [B, S] -> the microbatch mean, also reported for the comparison."""
-    loss = output.mean()
-    return loss, {"loss": loss.detach().clone()}
-
-
-def _forward_step(data_iterator, model):
-    data = next(data_iterator)
-    # On stages without the embedding, input_ids are ignored (the schedule feeds hidden states).
-    output = model(data["input_ids"], data["position_ids"], None, labels=data["labels"])
-    return output, _loss
-
-
-def _run_schedule(chunks, micro) -> list[torch.Tensor]:
-    """One forward/backward of ``micro`` with megatron's schedule for the current parallel state;
-    the per-microbatch losses (empty on stages other than the last)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    iterators = [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
-    store = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iterators, model=chunks, num_microbatches=MICROBATCHES,
-        seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE, forward_only=False,
-    )  # fmt: skip
-    return [entry["loss"] for entry in store]
-
-
 def _build(hf_config: dict, pp: int, vpp: int | None, vp_stage: int | None):
     """Our model chunk ``vp_stage`` of this rank's stage (the whole model at pp=1)."""
     from megatron.core import parallel_state as ps
@@ -78,7 +52,7 @@ def _reference(hf_config: dict, micro):
     helpers.init_parallel()
     torch.manual_seed(0)
     model = _build(hf_config, 1, None, None)
-    losses = _run_schedule([model], micro)
+    losses = helpers.run_schedule([model], micro)
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     return helpers.full_state(model), losses, grads
 
@@ -93,7 +67,7 @@ def _check(hf_config: dict, micro, vpp: int | None) -> None:
     for chunk in chunks:
         helpers.load_full(chunk, full)
     wrapped = [helpers.wrap_ddp(chunk.config, chunk) for chunk in chunks]
-    losses = _run_schedule(wrapped, micro)
+    losses = helpers.run_schedule(wrapped, micro)
     finalize_model_grads(wrapped)  # sums the tied embedding's gradients over the first and last stage
 
     if ps.is_pipeline_last_stage():

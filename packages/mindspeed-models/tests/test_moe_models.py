@@ -45,28 +45,26 @@ def _ours(hf_config: dict, hf_model, **overrides):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(case):
-    h = helpers
     model_type, hf_overrides, overrides = CASES[case]
-    hf_config, hf_model = h.tiny_hf(model_type, **hf_overrides)
+    hf_config, hf_model = helpers.tiny_hf(model_type, **hf_overrides)
     spec, model = _ours(hf_config, hf_model, **overrides)
-    ids, mask = h.batch(hf_config["vocab_size"])
+    ids, mask = helpers.batch(hf_config["vocab_size"])
     with torch.no_grad():
         ours = mm.logits(model, ids, mask)
-    h.assert_logits_match(ours, h.hf_logits(hf_model, ids, mask), mask)
+    helpers.assert_logits_match(ours, helpers.hf_logits(hf_model, ids, mask), mask)
 
 
 def test_routing_is_exercised():
     """The qwen3_moe cases differ in routing (renormalised or not), and route to several experts."""
-    h = helpers
-    ids, mask = h.batch(256)
+    ids, mask = helpers.batch(256)
     logits = {}
     for norm in (False, True):
-        cfg, hf_model = h.tiny_hf("qwen3_moe", **QWEN3_MOE, norm_topk_prob=norm)
-        logits[norm] = h.hf_logits(hf_model, ids, mask)
+        cfg, hf_model = helpers.tiny_hf("qwen3_moe", **QWEN3_MOE, norm_topk_prob=norm)
+        logits[norm] = helpers.hf_logits(hf_model, ids, mask)
         spec, model = _ours(cfg, hf_model)
         assert spec.config.moe_router_pre_softmax is (not norm)
     assert (logits[False] - logits[True]).abs().max() > 1e-2
-    cfg, hf_model = h.tiny_hf("qwen3_moe", **QWEN3_MOE)
+    cfg, hf_model = helpers.tiny_hf("qwen3_moe", **QWEN3_MOE)
     _, model = _ours(cfg, hf_model)
     router = model.decoder.layers[0].mlp.router
     with torch.no_grad():
@@ -78,14 +76,13 @@ def test_routing_is_exercised():
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
 def test_load_pretrained_logits_match_transformers(model_type, tmp_path):
     pytest.importorskip("mindspeed_ckpt.maps")
-    h = helpers
     overrides = QWEN3_MOE if model_type == "qwen3_moe" else helpers.MOE_SIZES
-    _, hf_model = h.tiny_hf(model_type, **overrides)
+    _, hf_model = helpers.tiny_hf(model_type, **overrides)
     hf_model.save_pretrained(tmp_path)
     loaded = mm.load_pretrained(tmp_path)
     assert loaded.spec.architecture == model_type
-    ids, mask = h.batch(hf_model.config.vocab_size)
-    h.assert_logits_match(loaded.logits(ids, mask), h.hf_logits(hf_model, ids, mask), mask)
+    ids, mask = helpers.batch(hf_model.config.vocab_size)
+    helpers.assert_logits_match(loaded.logits(ids, mask), helpers.hf_logits(hf_model, ids, mask), mask)
 
 
 # --- config mapping ---------------------------------------------------------------------------
@@ -198,17 +195,16 @@ def _ep_world(rank: int) -> None:
 
     from mindspeed_kernels.testing import assert_close
 
-    h = helpers
-    hf_config, hf_model = h.tiny_hf("qwen3_moe", **QWEN3_MOE)  # same seed: the same model on both ranks
-    ids, mask = h.batch(hf_config["vocab_size"], seed=3 + rank)  # different tokens per rank: they cross ranks
+    hf_config, hf_model = helpers.tiny_hf("qwen3_moe", **QWEN3_MOE)  # same seed: the same model on both ranks
+    ids, mask = helpers.batch(hf_config["vocab_size"], seed=3 + rank)  # different tokens per rank: they cross ranks
     ps.initialize_model_parallel()  # no RNG seeding needed: weights are loaded, eval, no dropout
     spec = mm.from_hf_config(hf_config, perform_initialization=False)
-    full = h.naive_moe_state(hf_config, hf_model, spec.padded_vocab_size)
+    full = helpers.naive_moe_state(hf_config, hf_model, spec.padded_vocab_size)
     ref = mm.build_model(spec).eval()
     load_state(ref, full)
     with torch.no_grad():
         ref_logits = mm.logits(ref, ids, mask)
-    h.assert_logits_match(ref_logits, h.hf_logits(hf_model, ids, mask), mask)
+    helpers.assert_logits_match(ref_logits, helpers.hf_logits(hf_model, ids, mask), mask)
 
     for dispatcher, grouped in (("alltoall", False), ("allgather", False), ("alltoall", True)):
         ps.destroy_model_parallel()

@@ -33,18 +33,17 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_load_pretrained_logits_match_transformers(case, tmp_path):
     pytest.importorskip("mindspeed_ckpt.maps")
-    h = helpers
     model_type, overrides, shard = CASES[case]
-    _, hf_model = h.tiny_hf(model_type, **overrides)
+    _, hf_model = helpers.tiny_hf(model_type, **overrides)
     hf_model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
     assert (tmp_path / "model.safetensors.index.json").is_file() == (shard is not None)
     loaded = load_pretrained(tmp_path)
     assert isinstance(loaded, PretrainedModel) and not loaded.model.training
     assert loaded.spec.architecture == model_type and loaded.path == tmp_path
-    ids, mask = h.batch(hf_model.config.vocab_size)
+    ids, mask = helpers.batch(hf_model.config.vocab_size)
     ours = loaded.logits(ids, mask)
     assert ours.dtype == torch.float32 and not ours.requires_grad
-    h.assert_logits_match(ours, h.hf_logits(hf_model, ids, mask), mask)
+    helpers.assert_logits_match(ours, helpers.hf_logits(hf_model, ids, mask), mask)
 
 
 def test_safetensors_dir_reads_lazily_and_closes(tmp_path):

@@ -136,3 +136,31 @@ def wrap_ddp(config, model, *, distributed_optimizer: bool = False):
         grad_reduce_in_fp32=False, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer
     )
     return DistributedDataParallel(config, ddp_config, model)
+
+
+def _mean_loss(output: torch.Tensor):
+    """Per-token losses [B, S] -> the microbatch mean, also reported for the comparison."""
+    loss = output.mean()
+    return loss, {"loss": loss.detach().clone()}
+
+
+def _lm_forward_step(data_iterator, model):
+    data = next(data_iterator)
+    # On stages without the embedding, input_ids are ignored (the schedule feeds hidden states).
+    output = model(data["input_ids"], data["position_ids"], None, labels=data["labels"])
+    return output, _mean_loss
+
+
+def run_schedule(chunks, micro: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """One forward/backward over the microbatches ``micro`` (dicts of input_ids, position_ids,
+    labels) with megatron's schedule for the current parallel state; the per-microbatch mean
+    losses (empty on stages other than the last)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    iterators = [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
+    batch_size, seq = micro[0]["input_ids"].shape
+    store = get_forward_backward_func()(
+        forward_step_func=_lm_forward_step, data_iterator=iterators, model=chunks, num_microbatches=len(micro),
+        seq_length=seq, micro_batch_size=batch_size, forward_only=False,
+    )  # fmt: skip
+    return [entry["loss"] for entry in store]

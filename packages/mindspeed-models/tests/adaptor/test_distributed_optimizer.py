@@ -33,21 +33,20 @@ def _ddp_world(rank: int) -> None:
     from mindspeed_models.adaptor import install
 
     install("cpu")
-    h = helpers
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    data = h.batch(seed=60, micro_batch=4)
+    data = helpers.batch(seed=60, micro_batch=4)
     mine = {key: value[2 * rank : 2 * rank + 2] for key, value in data.items()}
-    h.init_parallel()  # DP=2
-    config = h.tiny_config()
-    ref = h.build_gpt(config)
-    full = h.full_state(ref)
+    helpers.init_parallel()  # DP=2
+    config = helpers.tiny_config()
+    ref = helpers.build_gpt(config)
+    full = helpers.full_state(ref)
     ref_norm, ref_params = _reference_step(ref, data)
 
-    model = h.build_gpt(config)
-    h.load_full(model, full)
-    ddp = h.wrap_ddp(config, model, distributed_optimizer=True)
+    model = helpers.build_gpt(config)
+    helpers.load_full(model, full)
+    ddp = helpers.wrap_ddp(config, model, distributed_optimizer=True)
     opt_config = OptimizerConfig(
         optimizer="adam", lr=LR, weight_decay=0.0, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS,
         clip_grad=CLIP, use_distributed_optimizer=True, bf16=False, fp16=False, params_dtype=torch.float32,

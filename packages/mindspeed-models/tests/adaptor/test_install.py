@@ -37,21 +37,20 @@ def _rebound_modules() -> set[str]:
 
 
 def _cpu_world(rank: int) -> None:
-    h = helpers
     no_cuda = "Torch not compiled with CUDA"
     with pytest.raises(AssertionError, match=no_cuda):
-        h.init_parallel()  # imports megatron.core (install below runs after it); the RNG tracker fails
-    data = h.batch(seed=3)
-    model = h.build_gpt(h.tiny_config())
+        helpers.init_parallel()  # imports megatron.core (install below runs after it); the RNG tracker fails
+    data = helpers.batch(seed=3)
+    model = helpers.build_gpt(helpers.tiny_config())
     with pytest.raises(AssertionError, match=no_cuda):
         model(input_ids=data["input_ids"], position_ids=data["position_ids"], attention_mask=None)
     assert adaptor.installed() is None and _rebound_modules() == set()
 
     adaptor.install()  # None: mindspeed_kernels.accelerator.device_type(), "cpu" here
     assert adaptor.installed() == "cpu"
-    h.init_parallel()
+    helpers.init_parallel()
     logits = model(input_ids=data["input_ids"], position_ids=data["position_ids"], attention_mask=None)
-    assert logits.shape == (2, h.SEQ, h.VOCAB) and torch.isfinite(logits).all()
+    assert logits.shape == (2, helpers.SEQ, helpers.VOCAB) and torch.isfinite(logits).all()
 
     patches = adaptor.applied()
     adaptor.install("cpu")

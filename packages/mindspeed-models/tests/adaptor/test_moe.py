@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.xdist_group("gloo"), pytest.mark.timeout(300), pytest.
 
 
 
-def _moe_config(h, dispatcher: str, ep: int):
-    return h.tiny_config(
+def _moe_config(dispatcher: str, ep: int):
+    return helpers.tiny_config(
         num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_token_dispatcher_type=dispatcher,
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, expert_model_parallel_size=ep,
     )  # fmt: skip
@@ -36,28 +36,27 @@ def _moe_world(rank: int) -> None:
     from mindspeed_models.adaptor import install
 
     install("cpu")
-    h = helpers
-    data = h.batch(seed=40 + rank)  # different tokens per rank
+    data = helpers.batch(seed=40 + rank)  # different tokens per rank
 
-    h.init_parallel()
-    ref = h.build_gpt(_moe_config(h, "allgather", ep=1), num_experts=4)
+    helpers.init_parallel()
+    ref = helpers.build_gpt(_moe_config("allgather", ep=1), num_experts=4)
     ref_logits, ref_loss, ref_grads = _run(ref, data)
-    full = h.full_state(ref)
+    full = helpers.full_state(ref)
     for name, grad in ref_grads.items():
         if ".experts." in name:  # an expert sees the tokens of every EP rank: its grad sums their losses'
             dist.all_reduce(grad)
 
     for dispatcher in ("allgather", "alltoall"):
-        h.init_parallel(expert_model_parallel_size=2)
-        model = h.build_gpt(_moe_config(h, dispatcher, ep=2), num_experts=4)
-        h.load_full(model, full)
+        helpers.init_parallel(expert_model_parallel_size=2)
+        model = helpers.build_gpt(_moe_config(dispatcher, ep=2), num_experts=4)
+        helpers.load_full(model, full)
         logits, loss, grads = _run(model, data)
         assert_close(logits, ref_logits)
         assert_close(loss, ref_loss)
         local_experts = [name for name in grads if ".experts." in name]
         assert len(local_experts) == len([n for n in full if ".experts." in n]) // 2, "EP=2 holds half the experts"
         for name, grad in grads.items():
-            assert_close(grad, ref_grads[h.global_name(model, name)])
+            assert_close(grad, ref_grads[helpers.global_name(model, name)])
 
 
 def test_moe_allgather_and_alltoall_ep2_match_ep1():

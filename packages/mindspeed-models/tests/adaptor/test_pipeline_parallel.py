@@ -4,8 +4,6 @@ and the gradients of megatron's own PP=1 run over the same 4 microbatches."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import models_mcore_helpers as helpers  # noqa: E402  (tests/conftest.py puts it on sys.path)
 import pytest
 import torch
@@ -16,51 +14,24 @@ pytestmark = [pytest.mark.xdist_group("gloo"), pytest.mark.timeout(300), pytest.
 MICROBATCHES, MICRO_BATCH_SIZE = 4, 2
 
 
-
-
-def _loss(output: torch.Tensor):
-    loss = output.mean()
-    return loss, {"loss": loss.detach().clone()}
-
-
-def _forward_step(data_iterator, model):
-    data = next(data_iterator)
-    output = model(input_ids=data["input_ids"], position_ids=data["position_ids"], attention_mask=None,
-                   labels=data["labels"])  # fmt: skip
-    return output, partial(_loss)
-
-
-def _run_schedule(chunks, micro) -> list[torch.Tensor]:
-    """One forward/backward over ``micro`` with megatron's schedule; the per-microbatch losses
-    (empty on stages other than the last)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    iterators = [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
-    store = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iterators, model=chunks, num_microbatches=MICROBATCHES,
-        seq_length=micro[0]["input_ids"].shape[1], micro_batch_size=MICRO_BATCH_SIZE, forward_only=False,
-    )  # fmt: skip
-    return [entry["loss"] for entry in store]
-
-
-def _check_schedule(h, micro, num_layers: int, vpp: int | None, tied: bool) -> None:
+def _check_schedule(micro, num_layers: int, vpp: int | None, tied: bool) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    h.init_parallel()
-    ref = h.build_gpt(h.tiny_config(num_layers=num_layers), share_embeddings_and_output_weights=tied)
-    ref_losses = _run_schedule([ref], micro)
+    helpers.init_parallel()
+    ref = helpers.build_gpt(helpers.tiny_config(num_layers=num_layers), share_embeddings_and_output_weights=tied)
+    ref_losses = helpers.run_schedule([ref], micro)
     ref_grads = {name: p.grad.clone() for name, p in ref.named_parameters()}
-    full = h.full_state(ref)
+    full = helpers.full_state(ref)
 
-    h.init_parallel(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=vpp)
-    config = h.tiny_config(num_layers=num_layers, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=vpp)
+    helpers.init_parallel(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=vpp)
+    config = helpers.tiny_config(num_layers=num_layers, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=vpp)
     stages = [None] if vpp is None else list(range(vpp))
-    chunks = [h.build_gpt(config, vp_stage=v, share_embeddings_and_output_weights=tied) for v in stages]
+    chunks = [helpers.build_gpt(config, vp_stage=v, share_embeddings_and_output_weights=tied) for v in stages]
     for chunk in chunks:
-        h.load_full(chunk, full)
-    wrapped = [h.wrap_ddp(config, chunk) for chunk in chunks]
-    losses = _run_schedule(wrapped, micro)
+        helpers.load_full(chunk, full)
+    wrapped = [helpers.wrap_ddp(config, chunk) for chunk in chunks]
+    losses = helpers.run_schedule(wrapped, micro)
     finalize_model_grads(wrapped)  # sums the tied embedding's grads over the first and last stage
 
     if ps.is_pipeline_last_stage():
@@ -69,7 +40,7 @@ def _check_schedule(h, micro, num_layers: int, vpp: int | None, tied: bool) -> N
     seen = set()
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            ref_name = h.reference_name(chunk, name, full)
+            ref_name = helpers.reference_name(chunk, name, full)
             assert_close(param.main_grad, ref_grads[ref_name])
             seen.add(ref_name)
     everyone = [None] * torch.distributed.get_world_size()
@@ -81,10 +52,9 @@ def _pipeline_world(rank: int) -> None:
     from mindspeed_models.adaptor import install
 
     install("cpu")
-    h = helpers
-    micro = [h.batch(seed=20 + i, micro_batch=MICRO_BATCH_SIZE) for i in range(MICROBATCHES)]
-    _check_schedule(h, micro, num_layers=2, vpp=None, tied=True)  # 1F1B; tied weights use .cuda() under PP
-    _check_schedule(h, micro, num_layers=4, vpp=2, tied=False)  # interleaved
+    micro = [helpers.batch(seed=20 + i, micro_batch=MICRO_BATCH_SIZE) for i in range(MICROBATCHES)]
+    _check_schedule(micro, num_layers=2, vpp=None, tied=True)  # 1F1B; tied weights use .cuda() under PP
+    _check_schedule(micro, num_layers=4, vpp=2, tied=False)  # interleaved
 
 
 def test_pp2_1f1b_and_interleaved_match_pp1():
