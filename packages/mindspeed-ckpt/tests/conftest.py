@@ -1,11 +1,17 @@
 """Tiny HF-style checkpoints for the conversion tests, made without transformers: a
 hand-written config.json and random tensors named and shaped per the maps."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from mindspeed_ckpt import maps
 from mindspeed_ckpt.hf_io import save_hf
+
+sys.path.insert(0, str(Path(__file__).parent / "maps"))  # ckpt_tiny_configs: the MoE/MLA tiny configs
+from ckpt_tiny_configs import CONFIGS, SYNTHETIC_ONLY, random_hf_tensors  # noqa: E402
 
 _BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=64, rope_theta=10000.0,
@@ -32,13 +38,18 @@ def random_tensors(cfg: dict, dtype: torch.dtype = torch.float32, seed: int = 0,
 
 @pytest.fixture
 def make_hf(tmp_path):
-    """make_hf(arch, dtype=fp32, shard_bytes=None, name="hf", std=1.0) -> (dir, config, tensors);
-    a small shard_bytes writes several shards with an index."""
+    """make_hf(arch, dtype=fp32, shard_bytes=None, name="hf", std=1.0, **overrides) -> (dir, config,
+    tensors); arch: a DENSE_CONFIGS key or any ckpt_tiny_configs.CONFIGS key (MoE, MLA, MTP), its
+    config updated by ``overrides``; a small shard_bytes writes several shards with an index."""
 
     def make(arch: str, dtype: torch.dtype = torch.float32, shard_bytes: int | None = None, name: str = "hf",
-             std: float = 1.0):
-        cfg = DENSE_CONFIGS[arch]
-        tensors = random_tensors(cfg, dtype, std=std)
+             std: float = 1.0, **overrides):
+        if arch in DENSE_CONFIGS:
+            cfg = dict(DENSE_CONFIGS[arch], **overrides)
+            tensors = random_tensors(cfg, dtype, std=std)
+        else:
+            cfg = dict({**CONFIGS, **SYNTHETIC_ONLY}[arch], **overrides)
+            tensors = random_hf_tensors(cfg, dtype)
         d = tmp_path / name
         save_hf(d, cfg, tensors, **({"max_shard_bytes": shard_bytes} if shard_bytes else {}))
         (d / "tokenizer.json").write_text('{"dummy": true}\n')

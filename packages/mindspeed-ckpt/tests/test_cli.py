@@ -70,16 +70,49 @@ def test_corrupt_and_missing_files_name_the_file(make_hf, tmp_path, capsys):
     assert "config.json" in _err_line(capsys)
 
 
-def test_missing_tensor_and_moe_not_yet(make_hf, tmp_path, capsys):
+def test_missing_tensor(make_hf, tmp_path, capsys):
     hf, cfg, t = make_hf("llama")
     del t["model.layers.1.mlp.up_proj.weight"]
     save_hf(tmp_path / "partial", cfg, t)
     assert main(["hf-to-mcore", "--hf-dir", str(tmp_path / "partial"), "--out", str(tmp_path / "mc")]) == 2
     assert "model.layers.1.mlp.up_proj.weight" in _err_line(capsys)
-    moe = dict(cfg, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
-    save_hf(tmp_path / "moe", moe, {})
-    assert main(["hf-to-mcore", "--hf-dir", str(tmp_path / "moe"), "--out", str(tmp_path / "mc")]) == 2
-    assert "not supported by mindspeed convert yet" in _err_line(capsys)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--ep", "3"], "--ep 3"),  # 4 experts
+    (["--ep", "2", "--etp", "2"], "--etp"),
+    (["--pp", "2", "--num-layer-list", "1,2"], "--num-layer-list 1,2"),
+    (["--pp", "2", "--num-layer-list", "a,b"], "--num-layer-list"),
+    (["--pp", "2", "--vpp", "2"], "--vpp 2"),  # 2 layers cannot make 4 chunks
+    (["--pp", "2", "--decoder-first-pipeline-num-layers", "3"], "--decoder-first/last"),
+])
+def test_bad_parallel_flags_exit_2(make_hf, tmp_path, capsys, flags, needle):
+    hf, _, _ = make_hf("mixtral")
+    assert main(["hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "mc"), *flags]) == 2
+    assert needle in _err_line(capsys)
+    assert not (tmp_path / "mc").exists()
+
+
+def test_dense_model_refuses_ep(make_hf, tmp_path, capsys):
+    hf, _, _ = make_hf("llama")
+    assert main(["hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "mc"), "--ep", "2"]) == 2
+    assert "--ep 2" in _err_line(capsys)
+
+
+def test_mtp_missing_from_a_transformers_checkpoint_says_how_to_fix(make_hf, tmp_path, capsys):
+    hf, cfg, t = make_hf("deepseek_v3")
+    save_hf(tmp_path / "nomtp", cfg, {k: v for k, v in t.items() if not k.startswith("model.layers.3.")})
+    assert main(["hf-to-mcore", "--hf-dir", str(tmp_path / "nomtp"), "--out", str(tmp_path / "mc")]) == 2
+    assert "num_nextn_predict_layers" in _err_line(capsys)
+
+
+def test_progress_line_on_request(make_hf, tmp_path, capsys):
+    hf, _, _ = make_hf("qwen3_moe")
+    assert main(["hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "mc"), "--ep", "2", "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "hf-to-mcore:" in err and "tensors" in err and "ETA" in err and err.endswith("\n")
+    assert main(["mcore-to-hf", "--mcore-dir", str(tmp_path / "mc"), "--out", str(tmp_path / "back")]) == 0
+    assert capsys.readouterr().err == ""  # not a tty, not asked
 
 
 def test_help_exits_0(capsys):

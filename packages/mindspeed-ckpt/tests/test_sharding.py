@@ -1,9 +1,9 @@
-"""TP split/merge and PP placement, against slicing written out by hand."""
+"""TP split/merge, against slicing written out by hand."""
 
 import pytest
 import torch
 
-from mindspeed_ckpt.sharding import Stages, check_tp, merge_tp, padded_vocab_size, split_tp, tp_dim
+from mindspeed_ckpt.sharding import check_tp, merge_tp, padded_vocab_size, split_tp, tp_dim
 
 
 @pytest.mark.parametrize("name,dim", [
@@ -13,6 +13,17 @@ from mindspeed_ckpt.sharding import Stages, check_tp, merge_tp, padded_vocab_siz
     ("decoder.layers.0.self_attention.linear_proj.bias", None), ("decoder.layers.0.mlp.linear_fc2.bias", None),
     ("decoder.layers.0.input_layernorm.weight", None), ("decoder.final_layernorm.weight", None),
     ("decoder.layers.0.self_attention.q_layernorm.weight", None),
+    # MLA (local spec: all five projections are ColumnParallelLinear), MTP, MoE at expert TP 1
+    ("decoder.layers.0.self_attention.linear_q_down_proj.weight", 0),
+    ("decoder.layers.0.self_attention.linear_q_proj.weight", 0),
+    ("decoder.layers.0.self_attention.linear_kv_up_proj.weight", 0),
+    ("decoder.layers.0.self_attention.kv_layernorm.weight", None),
+    ("mtp.layers.0.eh_proj.weight", 0), ("mtp.layers.0.enorm.weight", None),
+    ("decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight", None),
+    ("decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight", None),
+    ("decoder.layers.1.mlp.shared_experts.linear_fc1.weight", 0), ("decoder.layers.1.mlp.shared_experts.linear_fc2.weight", 1),
+    ("decoder.layers.1.mlp.shared_experts.gate_weight", None), ("decoder.layers.1.mlp.router.weight", None),
+    ("decoder.layers.1.mlp.router.expert_bias", None),
 ])
 def test_tp_dim(name, dim):
     assert tp_dim(name) == dim
@@ -43,18 +54,10 @@ def test_indivisible_dim_names_the_tensor():
         split_tp("decoder.layers.0.self_attention.linear_proj.weight", torch.zeros(4, 5), 2, 0)
 
 
-def test_stages_place_and_invert():
-    s = Stages(num_layers=4, pp=2)
-    assert s.place("decoder.layers.3.mlp.linear_fc1.weight") == (1, "decoder.layers.1.mlp.linear_fc1.weight")
-    assert s.place("embedding.word_embeddings.weight") == (0, "embedding.word_embeddings.weight")
-    assert s.place("output_layer.weight")[0] == 1 and s.place("decoder.final_layernorm.weight")[0] == 1
-    assert s.global_name(1, "decoder.layers.1.mlp.linear_fc1.weight") == "decoder.layers.3.mlp.linear_fc1.weight"
-    with pytest.raises(ValueError, match="--pp 3"):
-        Stages(num_layers=4, pp=3)
-
-
 def test_padded_vocab_and_tp_checks():
     assert padded_vocab_size(96, 128, 1) == 128 and padded_vocab_size(96, 128, 2) == 256
     assert padded_vocab_size(151936, 128, 4) == 152064 and padded_vocab_size(96, 1, 2) == 96
     with pytest.raises(ValueError, match="intermediate_size=6"):
         check_tp({"heads": 4, "groups": 4, "ffn": 6}, 4)
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+        check_tp({"heads": 8, "groups": 8, "ffn": 8, "kv_down": 12}, 8)

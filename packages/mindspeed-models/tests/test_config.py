@@ -154,7 +154,7 @@ def test_reads_a_file_or_directory(tmp_path):
 
 
 def test_unknown_model_type_names_the_registered_ones():
-    registered = "deepseek_v3, llama, mixtral, qwen2, qwen3, qwen3_moe"
+    registered = "deepseek_v2, deepseek_v3, llama, mixtral, qwen2, qwen3, qwen3_moe"
     with pytest.raises(ValueError, match=rf"model_type='mistral' is not supported; registered architectures: {registered}"):
         from_hf_config(cfg("mistral"))
     with pytest.raises(ValueError, match="model_type=None"):

@@ -9,7 +9,7 @@ shared expert, vocab 256, fp32, random router expert bias; a batch of two right-
 
 from __future__ import annotations
 
-import logging
+import math
 import warnings
 
 import pytest
@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 import models_hf_helpers as helpers  # noqa: E402  (tests/conftest.py puts it on sys.path)
 
 import mindspeed_models as mm  # noqa: E402
-from mindspeed_models.moe import SigmoidGroupRouter, SigmoidRouting, sigmoid_group_topk  # noqa: E402
+from mindspeed_models.moe import DeepSeekRouter, DeepSeekRouting, deepseek_topk  # noqa: E402
 from mindspeed_models.pretrained import load_state  # noqa: E402
 
 TINY = dict(num_hidden_layers=3, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
@@ -72,7 +72,8 @@ def naive_deepseek_state(cfg: dict, hf_model) -> dict[str, torch.Tensor]:
                 out[mc + dst + "linear_fc2.weight"] = sd[hf + src + "down_proj.weight"]
         if hf + "mlp.gate.weight" in sd:
             out[mc + "mlp.router.weight"] = sd[hf + "mlp.gate.weight"]
-            out[mc + "mlp.router.expert_bias"] = sd[hf + "mlp.gate.e_score_correction_bias"]
+            if hf + "mlp.gate.e_score_correction_bias" in sd:  # DeepSeek-V3 only
+                out[mc + "mlp.router.expert_bias"] = sd[hf + "mlp.gate.e_score_correction_bias"]
             fused = zip(sd[hf + "mlp.experts.gate_up_proj"], sd[hf + "mlp.experts.down_proj"], strict=True)
             for e, (fc1, fc2) in enumerate(fused):
                 out[f"{mc}mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1
@@ -84,7 +85,8 @@ def _ours(cfg: dict, hf_model, **overrides):
     with warnings.catch_warnings():
         # transformers' own config dicts must map without "key not read" warnings.
         warnings.filterwarnings("error", message="config.json keys not read")
-        spec = mm.from_hf_config(cfg, perform_initialization=False, **overrides)
+        # the main model only: transformers has no MTP layer to compare with (tests/test_mtp.py does MTP)
+        spec = mm.from_hf_config(cfg, perform_initialization=False, **{"mtp_num_layers": 0, **overrides})
     model = mm.build_model(spec).eval()
     load_state(model, naive_deepseek_state(cfg, hf_model))
     return spec, model
@@ -100,32 +102,13 @@ def test_logits_match_transformers(case):
     helpers.assert_logits_match(ours, helpers.hf_logits(hf_model, ids, mask), mask)
 
 
-def test_load_pretrained_logits_match_transformers(tmp_path, caplog):
+def test_load_pretrained_logits_match_transformers(tmp_path):
+    """save_pretrained writes no MTP layer: load_pretrained builds the main model (tests/test_mtp.py covers MTP)."""
     pytest.importorskip("mindspeed_ckpt.maps")
     cfg, hf_model = tiny_deepseek(norm_topk_prob=False, routed_scaling_factor=2.5)
     hf_model.save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="mindspeed_models.config"):
-        loaded = mm.load_pretrained(tmp_path)
-    assert any("MTP layer(s) are not built" in r.getMessage() for r in caplog.records)
+    loaded = mm.load_pretrained(tmp_path)
     assert loaded.spec.hf_config["num_nextn_predict_layers"] == 0 and loaded.spec.config.mtp_num_layers is None
-    ids, mask = helpers.batch(cfg["vocab_size"])
-    helpers.assert_logits_match(loaded.logits(ids, mask), helpers.hf_logits(hf_model, ids, mask), mask)
-
-
-def test_load_pretrained_skips_mtp_tensors_as_transformers(tmp_path, caplog):
-    """MTP layers are not built: their checkpoint tensors (layer num_hidden_layers + k) are skipped, as transformers
-    skips them, with the warning saying so; the main model's logits are unchanged."""
-    pytest.importorskip("mindspeed_ckpt.maps")
-    from safetensors.torch import load_file, save_file
-
-    cfg, hf_model = tiny_deepseek()
-    hf_model.save_pretrained(tmp_path)
-    tensors = load_file(tmp_path / "model.safetensors")
-    tensors["model.layers.3.enorm.weight"] = torch.ones(64)
-    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with caplog.at_level(logging.WARNING, logger="mindspeed_models.config"):
-        loaded = mm.load_pretrained(tmp_path)
-    assert any("MTP layer(s) are not built" in r.getMessage() for r in caplog.records)
     ids, mask = helpers.batch(cfg["vocab_size"])
     helpers.assert_logits_match(loaded.logits(ids, mask), helpers.hf_logits(hf_model, ids, mask), mask)
 
@@ -149,7 +132,7 @@ def test_router_matches_hf_topk_router(overrides):
     cfg, hf_model = tiny_deepseek(**overrides)
     spec, model = _ours(cfg, hf_model)
     ours = model.decoder.layers[1].mlp.router
-    assert isinstance(ours, SigmoidGroupRouter) and ours.sigmoid_routing.normalize is cfg["norm_topk_prob"]
+    assert isinstance(ours, DeepSeekRouter) and ours.deepseek_routing.normalize is cfg["norm_topk_prob"]
     hf_router = hf_model.model.layers[1].mlp.gate
     assert isinstance(hf_router, hf_ds.DeepseekV3TopkRouter)
     hidden = torch.randn(64, 1, cfg["hidden_size"], generator=torch.Generator().manual_seed(5))
@@ -168,13 +151,13 @@ def test_group_ranking_uses_two_best_scores():
     """HF ranks groups by their 2 best scores even when top-k / groups is 1 (megatron's rule would take 1)."""
     # group 0: (0.9, -inf-ish) -> best sum 0.9 + 0.0; group 1: (0.8, 0.8) -> 1.6
     logits = torch.logit(torch.tensor([[0.9, 1e-6, 0.8, 0.8]]))
-    probs, routing_map = sigmoid_group_topk(
-        logits, 1, num_groups=2, group_topk=1, expert_bias=None, scaling_factor=None, routing=SigmoidRouting()
+    probs, routing_map = deepseek_topk(
+        logits, 1, num_groups=2, group_topk=1, expert_bias=None, scaling_factor=None, routing=DeepSeekRouting()
     )
     assert routing_map.tolist() == [[False, False, True, False]] or routing_map.tolist() == [[False, False, False, True]]
     assert probs.sum().item() == pytest.approx(1.0)  # top-1 normalised to 1, as HF
-    raw, _ = sigmoid_group_topk(logits, 1, num_groups=2, group_topk=1, expert_bias=None, scaling_factor=2.0,
-                                routing=SigmoidRouting(normalize=False))  # fmt: skip
+    raw, _ = deepseek_topk(logits, 1, num_groups=2, group_topk=1, expert_bias=None, scaling_factor=2.0,
+                                routing=DeepSeekRouting(normalize=False))  # fmt: skip
     assert raw.sum().item() == pytest.approx(1.6, rel=1e-5)
 
 
@@ -222,16 +205,6 @@ def test_layer_names():
     assert not any(n.startswith("mtp") for n in names)
 
 
-def test_mtp_is_logged_not_built(caplog):
-    with caplog.at_level(logging.WARNING, logger="mindspeed_models.config"):
-        spec = mm.from_hf_config({**BASE, "num_nextn_predict_layers": 2})
-    assert [r.getMessage() for r in caplog.records if "MTP" in r.getMessage()] == [
-        "deepseek_v3: num_nextn_predict_layers=2 MTP layer(s) are not built (transformers does not run them); "
-        "the model is the main 3-layer decoder only"
-    ]
-    assert spec.config.mtp_num_layers is None and spec.hf_config["num_nextn_predict_layers"] == 0
-
-
 @pytest.mark.parametrize(
     ("keys", "match"),
     [
@@ -261,11 +234,79 @@ def test_errors(keys, match):
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"mtp_num_layers": 1}, "mtp_num_layers=1 is not supported"),
-        ({"moe_router_load_balancing_type": "aux_loss"}, "moe_router_load_balancing_type"),
+        ({"moe_router_load_balancing_type": "sinkhorn"}, "moe_router_load_balancing_type"),
         ({"moe_router_score_function": "softmax"}, "moe_router_score_function"),
     ],
 )
 def test_override_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
         mm.from_hf_config({**BASE, "num_nextn_predict_layers": 0}, **overrides)
+
+
+def _naive_balance_loss(logits: torch.Tensor, topk: int, coeff: float, seq: int | None) -> torch.Tensor:
+    """DeepSeek-V3 report eq. 17-20: alpha * sum_i f_i P_i with s' = sigmoid scores normalised over the experts,
+    f_i = E / (k T) * #(tokens whose unbiased top-k holds i), P_i = mean_t s'_i; per sequence of ``seq`` tokens
+    (averaged over the sequences) or over all tokens (``seq`` None). ``logits`` [S*B, E] in megatron's s-major order."""
+    experts = logits.shape[-1]
+    scores = torch.sigmoid(logits)
+    scores = scores / scores.sum(-1, keepdim=True)
+    chosen = torch.zeros_like(scores).scatter(1, scores.topk(topk, dim=-1).indices, 1.0)
+    if seq is None:
+        scores, chosen = scores[:, None], chosen[:, None]
+    else:  # [S*B, E] -> [S, B, E]: token t of sequence b is row t * B + b
+        scores, chosen = scores.view(seq, -1, experts), chosen.view(seq, -1, experts)
+    tokens = scores.shape[0]
+    f = experts / (topk * tokens) * chosen.sum(0)
+    p = scores.mean(0)
+    return coeff * (f * p).sum(-1).mean()
+
+
+@pytest.mark.parametrize("kind", ["aux_loss", "seq_aux_loss"])
+def test_balance_losses_match_the_deepseek_formula(kind):
+    """Our router with megatron's balance losses: the logged value and the router-weight gradient it adds equal
+    the DeepSeek-V3 formula differentiated by autograd (main loss zero, so only the balance loss has a gradient)."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    coeff, seq, bsz = 0.01, 6, 3
+    spec = mm.from_hf_config(
+        {**BASE, "num_nextn_predict_layers": 0}, moe_router_load_balancing_type=kind, moe_aux_loss_coeff=coeff
+    )
+    router = mm.build_model(spec).train().decoder.layers[1].mlp.router
+    assert isinstance(router, DeepSeekRouter)
+    x = torch.randn(seq, bsz, BASE["hidden_size"], generator=torch.Generator().manual_seed(8))
+    clear_aux_losses_tracker()
+    probs, _ = router(x)
+    (probs * 0).sum().backward()
+
+    weight = router.weight.detach().clone().requires_grad_()
+    expected = _naive_balance_loss(x.view(-1, x.shape[-1]) @ weight.t(), 2, coeff, seq if kind == "seq_aux_loss" else None)
+    expected.backward()
+    torch.testing.assert_close(router.weight.grad, weight.grad, rtol=1e-5, atol=1e-9)
+    assert weight.grad.abs().sum() > 0
+    name = "seq_load_balancing_loss" if kind == "seq_aux_loss" else "load_balancing_loss"
+    logged = get_moe_layer_wise_logging_tracker()[name]["values"][router.layer_number - 1]
+    torch.testing.assert_close(logged, expected.detach() / coeff, rtol=1e-5, atol=1e-7)
+
+
+def test_capacity_factor_drops_tokens_over_capacity():
+    """moe_expert_capacity_factor 0.5: each expert keeps at most ceil(T k / E * 0.5) of the tokens that chose it
+    (the highest-probability ones, megatron's default drop policy); kept choices are a subset of the undropped ones."""
+    x = torch.randn(16, 2, BASE["hidden_size"], generator=torch.Generator().manual_seed(9))
+    maps = []
+    for factor in (None, 0.5):
+        torch.manual_seed(0)  # the same router weights in both models
+        router = mm.build_model(_spec_with(moe_expert_capacity_factor=factor)).decoder.layers[1].mlp.router
+        with torch.no_grad():
+            probs, routing_map = router(x)
+        maps.append((probs, routing_map))
+    (full_probs, full_map), (probs, kept) = maps
+    capacity = math.ceil(32 * 2 / 8 * 0.5)
+    assert kept.sum(0).max() <= capacity < full_map.sum(0).max()
+    assert not (kept & ~full_map).any() and kept.sum() < full_map.sum()
+    for e in range(8):  # the kept tokens of an expert are its highest-probability ones
+        chosen = full_probs[full_map[:, e], e]
+        assert torch.equal(probs[kept[:, e], e].sort().values, chosen.sort().values[-int(kept[:, e].sum()):])
+
+
+def _spec_with(**overrides):
+    return mm.from_hf_config({**BASE, "num_nextn_predict_layers": 0}, **overrides)

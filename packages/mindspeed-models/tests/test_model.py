@@ -100,8 +100,33 @@ def test_left_padding_and_unmasked_batch():
     helpers.assert_logits_match(ours, helpers.hf_logits(hf_model, ids, full), full)
 
 
-def test_packed_sequences_equal_separate_ones():
-    """GPTModel with THD packed_seq_params (our TND attention, megatron's THD RoPE) = each sequence alone."""
+def _count_kernel_rope(monkeypatch) -> list[tuple[int, ...]]:
+    """Shapes of every tensor the attention layers rotate through mindspeed_kernels' rotary op."""
+    from mindspeed_models import self_attention
+
+    calls, real = [], self_attention.ops.rotary_pos_emb
+
+    def spy(x, cos, sin, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return real(x, cos, sin, *args, **kwargs)
+
+    monkeypatch.setattr(self_attention.ops, "rotary_pos_emb", spy)
+    return calls
+
+
+def test_rope_goes_through_the_kernels(monkeypatch):
+    """q and k of every layer are rotated by ops.rotary_pos_emb (megatron's own rotation is bypassed, or the
+    HF comparison above would see them rotated twice)."""
+    cfg, hf_model = helpers.tiny_hf("qwen3")
+    calls = _count_kernel_rope(monkeypatch)
+    _compare(cfg, hf_model)
+    seq = max(helpers.LENGTHS)
+    assert calls == [(seq, 2, 4, 128), (seq, 2, 2, 128)] * cfg["num_hidden_layers"]
+
+
+def test_packed_sequences_equal_separate_ones(monkeypatch):
+    """GPTModel with THD packed_seq_params (our TND attention; RoPE positions restarting per sequence) = each
+    sequence alone."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cfg, hf_model = helpers.tiny_hf("qwen2")
@@ -113,8 +138,11 @@ def test_packed_sequences_equal_separate_ones():
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
                              max_seqlen_kv=max(lengths))  # fmt: skip
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    calls = _count_kernel_rope(monkeypatch)
     with torch.no_grad():
         out = model(packed, positions, None, packed_seq_params=params, runtime_gather_output=True)[0]
+    assert len(calls) == 2 * cfg["num_hidden_layers"] and calls[0][0] == sum(lengths)
+    with torch.no_grad():
         for r, n in enumerate(lengths):
             alone = mm.logits(model, ids[r : r + 1, :n])[0]
             torch.testing.assert_close(out[cu[r] : cu[r + 1]], alone, rtol=0, atol=1e-5)

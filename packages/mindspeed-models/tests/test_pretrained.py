@@ -68,7 +68,15 @@ def test_load_pretrained_errors(tmp_path, monkeypatch):
     mcore = tmp_path / "mcore"
     (mcore / "iter_0000010").mkdir(parents=True)
     (mcore / "latest_checkpointed_iteration.txt").write_text("10")
-    with pytest.raises(NotImplementedError, match="Megatron checkpoint.*issue #4"):
+    with pytest.raises(FileNotFoundError, match="hf_config/config.json is missing"):
+        load_pretrained(mcore)
+    (mcore / "hf_config").mkdir()
+    (mcore / "hf_config" / "config.json").write_text("{}")
+    (mcore / "latest_checkpointed_iteration.txt").write_text("11")
+    with pytest.raises(FileNotFoundError, match="iter_0000011 .* is missing"):
+        load_pretrained(mcore)
+    (mcore / "latest_checkpointed_iteration.txt").write_text("ten")
+    with pytest.raises(ValueError, match="expected an iteration number"):
         load_pretrained(mcore)
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
@@ -94,3 +102,78 @@ def test_checkpoint_that_does_not_fit_the_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError):
         load_pretrained(tmp_path)
+
+
+# --- Megatron checkpoint directories ------------------------------------------------------------
+
+MEGATRON_CASES = {
+    "qwen3_tp2_pp2": ("qwen3", {"num_hidden_layers": 4}, dict(tp=2, pp=2)),
+    "qwen2_tied_vpp2": ("qwen2", {"num_hidden_layers": 4, "tie_word_embeddings": True}, dict(pp=2, vpp=2)),
+    "qwen3_moe_tp2_ep2": ("qwen3_moe", {"moe_intermediate_size": 32, **helpers.MOE_SIZES}, dict(tp=2, ep=2)),
+    "mixtral_uneven_pp": ("mixtral", {"num_hidden_layers": 3, **helpers.MOE_SIZES}, dict(pp=2, num_layer_list="1,2")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(MEGATRON_CASES))
+def test_load_pretrained_reads_megatron_legacy_checkpoints(case, tmp_path):
+    """HF -> mindspeed convert hf-to-mcore (TP/PP/VPP/EP, uneven PP) -> load_pretrained(megatron dir): HF's logits."""
+    pytest.importorskip("mindspeed_ckpt")
+    from mindspeed_ckpt.convert import hf_to_mcore
+
+    model_type, overrides, layout = MEGATRON_CASES[case]
+    _, hf_model = helpers.tiny_hf(model_type, **overrides)
+    hf_model.save_pretrained(tmp_path / "hf")
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", **layout)
+    loaded = load_pretrained(tmp_path / "mcore")
+    assert loaded.spec.padded_vocab_size % 128 == 0 and loaded.spec.vocab_size == hf_model.config.vocab_size
+    ids, mask = helpers.batch(hf_model.config.vocab_size)
+    helpers.assert_logits_match(loaded.logits(ids, mask), helpers.hf_logits(hf_model, ids, mask), mask)
+
+
+TORCH_DIST_CASES = {
+    "qwen3": ("qwen3", {}),
+    "qwen3_moe": ("qwen3_moe", {"moe_intermediate_size": 32, **helpers.MOE_SIZES}),
+    "deepseek_v3": ("deepseek_v3", dict(num_hidden_layers=2, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16,
+                                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
+                                        num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                                        moe_intermediate_size=32)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TORCH_DIST_CASES))
+def test_load_pretrained_reads_torch_dist_checkpoints(case, tmp_path):
+    """A torch_dist checkpoint written by megatron-core's own dist_checkpointing.save loads back: HF's logits."""
+    pytest.importorskip("mindspeed_ckpt")
+    import shutil
+
+    from megatron.core import dist_checkpointing
+
+    model_type, overrides = TORCH_DIST_CASES[case]
+    _, hf_model = helpers.tiny_hf(model_type, **overrides)
+    hf_model.save_pretrained(tmp_path / "hf")
+    source = load_pretrained(tmp_path / "hf", make_vocab_size_divisible_by=128)
+    step = tmp_path / "mcore" / "iter_0000003"
+    step.mkdir(parents=True)
+    dist_checkpointing.save(source.model.sharded_state_dict(), str(step))
+    (tmp_path / "mcore" / "latest_checkpointed_iteration.txt").write_text("3")
+    (tmp_path / "mcore" / "hf_config").mkdir()
+    shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "mcore" / "hf_config" / "config.json")
+    loaded = load_pretrained(tmp_path / "mcore")
+    assert loaded.spec.padded_vocab_size == source.spec.padded_vocab_size == 256
+    ids, mask = helpers.batch(hf_model.config.vocab_size)
+    helpers.assert_logits_match(loaded.logits(ids, mask), helpers.hf_logits(hf_model, ids, mask), mask)
+
+
+def test_load_pretrained_megatron_errors(tmp_path):
+    pytest.importorskip("mindspeed_ckpt")
+    from mindspeed_ckpt.convert import hf_to_mcore
+
+    _, hf_model = helpers.tiny_hf("llama")
+    hf_model.save_pretrained(tmp_path / "hf")
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore")
+    rank_file = next((tmp_path / "mcore").glob("iter_*/mp_rank_00/model_optim_rng.pt"))
+    ckpt = torch.load(rank_file, weights_only=False)
+    del ckpt["model"]["decoder.final_layernorm.weight"]
+    torch.save(ckpt, rank_file)
+    with pytest.raises(ValueError, match="lacks 'decoder.final_layernorm.weight'"):
+        load_pretrained(tmp_path / "mcore")

@@ -2,9 +2,10 @@
 
 ::
 
-    mindspeed convert hf-to-mcore --hf-dir D --out M --tp T --pp P [--dtype fp32|bf16|fp16]
-                                  [--make-vocab-size-divisible-by N] [--overwrite]
-    mindspeed convert mcore-to-hf --mcore-dir M --out D2 [--hf-config D] [--overwrite]
+    mindspeed convert hf-to-mcore --hf-dir D --out M --tp T --pp P [--ep E] [--etp 1] [--vpp V]
+                                  [--num-layer-list 1,3 | --decoder-first/last-pipeline-num-layers N]
+                                  [--dtype fp32|bf16|fp16] [--make-vocab-size-divisible-by N] [--overwrite] [--progress]
+    mindspeed convert mcore-to-hf --mcore-dir M --out D2 [--hf-config D] [--overwrite] [--progress]
 
 Exit codes: 0 success, 2 bad usage or bad input (one line on stderr, no traceback).
 """
@@ -35,10 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--out", required=True, help="Megatron checkpoint directory to create")
     h.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     h.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    h.add_argument("--ep", type=int, default=1, help="expert-parallel size; must divide the routed experts (default 1)")
+    h.add_argument("--etp", type=int, default=1, choices=[1], help="expert tensor-parallel size (only 1: experts stay whole)")
+    h.add_argument("--vpp", type=int, default=1, help="virtual pipeline chunks per stage (model0..; default 1)")
+    h.add_argument("--num-layer-list", help="decoder layers per PP stage, comma-separated (e.g. 1,3)")
+    h.add_argument("--decoder-first-pipeline-num-layers", type=int, help="layers on the first PP stage (megatron's flag)")
+    h.add_argument("--decoder-last-pipeline-num-layers", type=int, help="layers on the last PP stage (megatron's flag)")
     h.add_argument("--dtype", choices=sorted(DTYPES), help="cast every tensor (default: keep the HF dtype)")
     h.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of N * TP, as megatron does (default 128)")
     h.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    h.add_argument("--progress", action="store_true", default=None, help="progress line on stderr (default: when a tty)")
     m = sub.add_parser("mcore-to-hf", help="Megatron legacy checkpoint -> HF safetensors directory")
     m.add_argument("--mcore-dir", required=True, help="directory with latest_checkpointed_iteration.txt")
     m.add_argument("--out", required=True, help="HF directory to create")
@@ -46,20 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-shard-size-mb", type=int, default=DEFAULT_SHARD_BYTES // 2**20,
                    help="largest safetensors shard in MiB (default 5120)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    m.add_argument("--progress", action="store_true", default=None, help="progress line on stderr (default: when a tty)")
     return ap
 
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "hf-to-mcore":
-        out = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                          make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite)
-        print(f"wrote Megatron checkpoint (TP={args.tp}, PP={args.pp}) to {out}")
+        out = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp,
+                          num_layer_list=args.num_layer_list,
+                          decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+                          decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers, dtype=args.dtype,
+                          make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite,
+                          progress=args.progress)
+        print(f"wrote Megatron checkpoint (TP={args.tp}, PP={args.pp}, VPP={args.vpp}, EP={args.ep}) to {out}")
         return 0
     if args.max_shard_size_mb < 1:
         raise UsageError(f"mindspeed convert mcore-to-hf: --max-shard-size-mb must be >= 1; got {args.max_shard_size_mb}")
     out = mcore_to_hf(args.mcore_dir, args.out, hf_config=args.hf_config, overwrite=args.overwrite,
-                      max_shard_bytes=args.max_shard_size_mb * 2**20)
+                      max_shard_bytes=args.max_shard_size_mb * 2**20, progress=args.progress)
     print(f"wrote Hugging Face checkpoint to {out}")
     return 0
 

@@ -1,44 +1,37 @@
 """Streaming conversion between HF safetensors directories and Megatron legacy checkpoints.
 
-``hf_to_mcore`` writes one rank file at a time: for each (stage, TP rank) it walks that
-stage's rules, pulls the HF tensors lazily, builds the full megatron tensor and keeps only the
-rank's shard, so memory holds one rank file plus one full tensor. ``mcore_to_hf`` maps one
-stage's rank files (``torch.load(mmap=True)``), merges each tensor's shards, and streams HF
-tensors into size-bounded shards. Both write into a temporary sibling of ``out`` and rename
-it into place at the end, so a failed run leaves nothing half-written.
+``hf_to_mcore`` writes one rank file at a time: for each (PP stage, EP rank, TP rank) it walks
+the rules placed there (all VPP chunks of the stage, that EP rank's experts), pulls the HF
+tensors lazily, builds each full megatron tensor and keeps only the rank's shard, so memory
+holds one rank file plus one full tensor. ``mcore_to_hf`` streams the full tensors of
+:func:`mindspeed_ckpt.reader.read_mcore` (one stage's rank files memory-mapped at a time) into
+size-bounded HF shards. Both write into a temporary sibling of ``out`` and rename it into
+place at the end, so a failed run leaves nothing half-written.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from math import prod
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from mindspeed_ckpt import maps
-from mindspeed_ckpt.hf_io import CONFIG, DEFAULT_SHARD_BYTES, HFReader, HFWriter, copy_side_files, read_json
+from mindspeed_ckpt.hf_io import CONFIG, DEFAULT_SHARD_BYTES, HFReader, HFWriter, copy_side_files
 from mindspeed_ckpt.maps.config import model_type
-from mindspeed_ckpt.megatron_io import args_get, locate, save_rank, write_tracker
-from mindspeed_ckpt.sharding import EMBEDDING, OUTPUT, Stages, check_tp, merge_tp, padded_vocab_size, split_tp
+from mindspeed_ckpt.mcore_args import ITERATION, megatron_args
+from mindspeed_ckpt.megatron_io import args_get, save_rank, write_tracker
+from mindspeed_ckpt.placement import Grid, Slot, stage_layer_counts
+from mindspeed_ckpt.progress import Progress
+from mindspeed_ckpt.reader import HF_CONFIG_DIR, read_mcore
+from mindspeed_ckpt.sharding import check_tp, padded_vocab_size, split_tp, tp_dim
 
 DTYPES: Mapping[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DENSE = ("llama", "qwen2", "qwen3")
-HF_CONFIG_DIR = "hf_config"  # where hf_to_mcore keeps config.json and tokenizer files inside the megatron dir
-ITERATION = 1
-
-
-def _supported(cfg: Mapping[str, Any], where: Path) -> None:
-    mt = model_type(cfg)
-    maps.architecture(mt)  # unknown model types: the maps' own message
-    if mt not in DENSE:
-        raise NotImplementedError(f"{where}: model_type {mt!r} (MoE/MLA) is not supported by mindspeed convert yet; "
-                                  f"supported: {', '.join(DENSE)}")
 
 
 @contextmanager
@@ -63,36 +56,15 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
         os.replace(tmp, out)
 
 
-def _rope_theta(cfg: Mapping[str, Any]) -> Any:
-    params = cfg.get("rope_parameters")
-    return cfg.get("rope_theta") or (params.get("rope_theta") if isinstance(params, Mapping) else None)
-
-
-def megatron_args(cfg: Mapping[str, Any], lay: maps.Layout, tp: int, pp: int, padded: int, dtype: torch.dtype,
-                  divisible_by: int) -> argparse.Namespace:
-    """The args megatron's loader and our reader consult, from the HF config."""
-    d, f = lay.dims, lay.features
-    return argparse.Namespace(
-        num_layers=lay.num_layers, hidden_size=d["hidden"], ffn_hidden_size=d["ffn"], num_attention_heads=d["heads"],
-        num_query_groups=d["groups"], group_query_attention=d["groups"] != d["heads"], kv_channels=d["head_dim"],
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=None,
-        expert_model_parallel_size=1, vocab_size=d["vocab"], padded_vocab_size=padded,
-        make_vocab_size_divisible_by=divisible_by, max_position_embeddings=cfg.get("max_position_embeddings"),
-        untie_embeddings_and_output_weights="untied" in f, add_qkv_bias="qkv_bias" in f,
-        add_bias_linear="proj_bias" in f, qk_layernorm="qk_norm" in f, normalization="RMSNorm",
-        norm_epsilon=cfg.get("rms_norm_eps"), swiglu=True, position_embedding_type="rope",
-        add_position_embedding=False, rotary_base=_rope_theta(cfg),
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        consumed_train_samples=0, consumed_valid_samples=0, iteration=ITERATION, hf_model_type=model_type(cfg),
-    )
-
-
 def _check_hf_names(reader: HFReader, rule_list: list[maps.Rule]) -> None:
     have = set(reader.names)
     for rule in rule_list:
         for name in rule.hf:
             if name not in have and not rule.optional:
-                raise ValueError(f"{reader.dir}: missing tensor {name!r} (needed for megatron {rule.mcore!r})")
+                hint = ""
+                if rule.mcore.startswith("mtp."):  # transformers neither builds nor saves MTP layers
+                    hint = "; checkpoints saved by transformers have no MTP layers: set num_nextn_predict_layers to 0"
+                raise ValueError(f"{reader.dir}: missing tensor {name!r} (needed for megatron {rule.mcore!r}){hint}")
     known = {n for r in rule_list for n in r.hf}
     ignored = maps.ignored_hf(reader.config)
     extra = sorted(n for n in have if n not in known and not ignored(n))
@@ -103,8 +75,9 @@ def _check_hf_names(reader: HFReader, rule_list: list[maps.Rule]) -> None:
 
 def _check_aliases(reader: HFReader, rule_list: list[maps.Rule]) -> None:
     owners = {r.mcore: r for r in rule_list if not r.alias}
+    have = set(reader.names)
     for rule in rule_list:
-        if rule.alias and all(n in reader.names for n in rule.hf):
+        if rule.alias and all(n in have for n in rule.hf):
             _, dup = maps.apply_hf_to_mcore(rule, reader.get)
             _, orig = maps.apply_hf_to_mcore(owners[rule.mcore], reader.get)
             if not torch.equal(dup, orig):
@@ -112,110 +85,141 @@ def _check_aliases(reader: HFReader, rule_list: list[maps.Rule]) -> None:
                                  f"({rule.mcore!r}); megatron keeps one copy")
 
 
-def placements(rule_list: list[maps.Rule], stages: Stages, tied: bool) -> list[list[tuple[maps.Rule, str]]]:
-    """Per pipeline stage, the (rule, local megatron name) pairs its rank files hold. With tied
-    embeddings and PP > 1 the last stage keeps its own ``output_layer.weight`` copy, as
-    megatron-core allocates one there."""
-    out: list[list[tuple[maps.Rule, str]]] = [[] for _ in range(stages.pp)]
+
+
+def placements(rule_list: list[maps.Rule], grid: Grid) -> list[list[tuple[maps.Rule, Slot]]]:
+    """Per pipeline stage, the (rule, slot) pairs its rank files hold (copies included: a tied
+    embedding's ``output_layer`` copy and the MTP embedding copy on the last stage)."""
+    out: list[list[tuple[maps.Rule, Slot]]] = [[] for _ in range(grid.pp)]
     for rule in rule_list:
-        if rule.alias:
-            continue
-        stage, local = stages.place(rule.mcore)
-        out[stage].append((rule, local))
-        if tied and stages.pp > 1 and rule.mcore == EMBEDDING:
-            out[-1].append((rule, OUTPUT))
+        if not rule.alias:
+            for slot in grid.place(rule.mcore):
+                out[slot.stage].append((rule, slot))
     return out
 
 
-def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1, dtype: str | None = None,
-                make_vocab_size_divisible_by: int = 128, overwrite: bool = False) -> Path:
-    """Convert an HF directory into a Megatron legacy checkpoint at ``out`` (TP x PP rank
-    files, iteration 1) plus ``out/hf_config/`` (config and tokenizer files). ``dtype``: one of
-    ``DTYPES`` (default: keep the HF dtype). Raises ValueError for bad input,
-    NotImplementedError for architectures not handled yet."""
+def parse_layer_list(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """``"1,3"`` or ``[1, 3]`` -> ``(1, 3)``; ValueError naming --num-layer-list otherwise."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        return tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"--num-layer-list {value!r}: expected comma-separated layer counts, e.g. 1,3") from None
+
+
+def _plan_grid(lay: maps.Layout, *, pp: int, vpp: int, ep: int, layer_list: tuple[int, ...] | None,
+               first: int | None, last: int | None) -> Grid:
+    if vpp > 1 and (pp < 2 or layer_list or first is not None or last is not None):
+        raise ValueError(f"--vpp {vpp} needs --pp > 1 and an even layer split (no --num-layer-list or "
+                         "--decoder-first/last-pipeline-num-layers)")
+    counts = stage_layer_counts(lay.num_layers, pp, layer_list=layer_list, first=first, last=last)
+    return Grid(counts, vpp=vpp, ep=ep, experts=lay.dims.get("experts", 0), mtp=lay.num_mtp, tied="tied" in lay.features)
+
+
+def _shard_bytes(rule: maps.Rule, slot: Slot, tp: int, itemsize: int) -> int:
+    n = prod(rule.mcore_shape) * itemsize
+    return n // tp if tp_dim(slot.local) is not None else n
+
+
+def _write_stage(tmp: Path, stage: int, items: list[tuple[maps.Rule, Slot]], reader: HFReader, *, tp: int, grid: Grid,
+                 cast: torch.dtype | None, args, prog: Progress) -> None:
+    for e in range(grid.ep):
+        mine = [(r, s) for r, s in items if s.ep_rank in (None, e)]
+        for t in range(tp):
+            models: list[dict[str, torch.Tensor]] = [{} for _ in range(grid.vpp)]
+            for rule, slot in mine:
+                _, full = maps.apply_hf_to_mcore(rule, reader.get)
+                shard = split_tp(slot.local, full if cast is None else full.to(cast), tp, t)
+                models[slot.chunk][slot.local] = shard
+                prog.update(shard.numel() * shard.element_size())
+                del full
+            save_rank(tmp, ITERATION, t, stage, grid.pp, models if grid.vpp > 1 else models[0], args, ep_rank=e, ep=grid.ep)
+            del models
+
+
+def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1, ep: int = 1, vpp: int = 1,
+                num_layer_list: str | Sequence[int] | None = None, decoder_first_pipeline_num_layers: int | None = None,
+                decoder_last_pipeline_num_layers: int | None = None, dtype: str | None = None,
+                make_vocab_size_divisible_by: int = 128, overwrite: bool = False, progress: bool | None = None) -> Path:
+    """Convert an HF directory into a Megatron legacy checkpoint at ``out`` (TP x PP x EP rank
+    files, VPP chunks ``model0..`` when ``vpp > 1``, iteration 1) plus ``out/hf_config/``
+    (config and tokenizer files).
+
+    num_layer_list: decoder layers per PP stage (``"1,3"``); or megatron's
+    ``decoder_first/last_pipeline_num_layers``; default an even split. ep: expert-parallel size
+    (must divide the routed experts; expert TP is 1). dtype: one of ``DTYPES`` (default: keep
+    the HF dtype). progress: stderr progress line (None: when stderr is a terminal).
+    Raises ValueError for bad input (one line, naming the flag or file and the fix).
+    """
     reader = HFReader(hf_dir)
     cfg = reader.config
-    _supported(cfg, reader.dir / CONFIG)
     lay = maps.layout(cfg)
     if ("proj_bias" in lay.features) != ("mlp_bias" in lay.features):
         # megatron has one switch (add_bias_linear) for the attention output and MLP biases
         raise NotImplementedError(f"{reader.dir / CONFIG}: attention_bias and mlp_bias differ; megatron's add_bias_linear "
                                   "covers both, so they must agree")
     check_tp(dict(lay.dims), tp)
-    stages = Stages(lay.num_layers, pp)
+    layers = parse_layer_list(num_layer_list)
+    first, last = decoder_first_pipeline_num_layers, decoder_last_pipeline_num_layers
+    grid = _plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last)
     padded = padded_vocab_size(lay.dims["vocab"], make_vocab_size_divisible_by, tp)
     rule_list = maps.rules(cfg, padded_vocab_size=padded)
     _check_hf_names(reader, rule_list)
     _check_aliases(reader, rule_list)
     cast = DTYPES[dtype] if dtype is not None else None
     out_dtype = cast or reader.get(rule_list[0].hf[0]).dtype
-    args = megatron_args(cfg, lay, tp, pp, padded, out_dtype, make_vocab_size_divisible_by)
-    plan = placements(rule_list, stages, "tied" in lay.features)
+    args = megatron_args(cfg, lay, tp=tp, grid=grid, padded=padded, dtype=out_dtype, divisible_by=make_vocab_size_divisible_by,
+                         first=first, last=last, layer_list=layers)
+    plan = placements(rule_list, grid)
+    per_file = [[(r, s) for r, s in items if s.ep_rank in (None, e)] for items in plan for e in range(ep)]
+    itemsize = out_dtype.itemsize
+    prog = Progress("hf-to-mcore", tp * sum(map(len, per_file)),
+                    tp * sum(_shard_bytes(r, s, tp, itemsize) for f in per_file for r, s in f), enabled=progress)
     with staging(Path(out), overwrite) as tmp:
         for stage, items in enumerate(plan):
-            for rank in range(tp):
-                sd = {}
-                for rule, local in items:
-                    _, full = maps.apply_hf_to_mcore(rule, reader.get)
-                    sd[local] = split_tp(local, full if cast is None else full.to(cast), tp, rank)
-                    del full
-                save_rank(tmp, ITERATION, rank, stage, pp, sd, args)
-                del sd
+            _write_stage(tmp, stage, items, reader, tp=tp, grid=grid, cast=cast, args=args, prog=prog)
         write_tracker(tmp, ITERATION)
         copy_side_files(reader.dir, tmp / HF_CONFIG_DIR)
+    prog.close()
     return Path(out)
 
 
-def _stage_tensors(ck, stage: int, expected: set[str]) -> list[Mapping[str, torch.Tensor]]:
-    files = []
-    for rank in range(ck.tp):
-        sd = ck.load(rank, stage)["model"]
-        keys = {k for k in sd if not k.endswith("._extra_state")}
-        missing, extra = sorted(expected - keys), sorted(keys - expected)
-        if missing or extra:
-            what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-            raise ValueError(f"{ck.path(rank, stage)}: {what} for this config.json with PP={ck.pp}")
-        files.append(sd)
-    return files
-
-
-def _check_grid(ck, args: Any) -> None:
-    for key, found in (("tensor_model_parallel_size", ck.tp), ("pipeline_model_parallel_size", ck.pp)):
-        saved = args_get(args, key)
-        if saved is not None and saved != found:
-            raise ValueError(f"{ck.path(0, 0)}: args.{key}={saved} but the rank directories say {found}")
-
-
 def mcore_to_hf(mcore_dir: str | os.PathLike, out: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
-                overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Convert a Megatron legacy checkpoint (any TP x PP) into an HF directory at ``out``:
-    the config and tokenizer files of ``hf_config`` (default ``mcore_dir/hf_config``) plus
-    safetensors shards of at most ``max_shard_bytes`` (with an index when more than one)."""
-    ck = locate(mcore_dir)
-    _check_grid(ck, ck.load(0, 0).get("args"))
-    cfg_dir = Path(hf_config) if hf_config is not None else ck.root / HF_CONFIG_DIR
-    if not (cfg_dir / CONFIG).is_file():
-        raise ValueError(f"{cfg_dir / CONFIG}: file not found; pass --hf-config DIR holding the model's config.json")
-    cfg = read_json(cfg_dir / CONFIG)
-    _supported(cfg, cfg_dir / CONFIG)
-    lay = maps.layout(cfg)
-    stages = Stages(lay.num_layers, ck.pp)
-    emb = ck.load(0, 0)["model"].get(EMBEDDING)
-    if not isinstance(emb, torch.Tensor):
-        raise ValueError(f"{ck.path(0, 0)}: missing tensor {EMBEDDING!r}")
-    rule_list = maps.rules(cfg, padded_vocab_size=emb.shape[0] * ck.tp)
-    plan = placements(rule_list, stages, "tied" in lay.features)
+                overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None) -> Path:
+    """Convert a Megatron legacy checkpoint (any TP x PP x VPP x EP, layer split read from its
+    args) into an HF directory at ``out``: the config and tokenizer files of ``hf_config``
+    (default ``mcore_dir/hf_config``) plus safetensors shards of at most ``max_shard_bytes``
+    (with an index when more than one)."""
+    ck = read_mcore(mcore_dir, hf_config)
+    rule_list = maps.rules(ck.hf_config, padded_vocab_size=ck.padded_vocab_size)
+    owners = {r.mcore: r for r in rule_list if not r.alias}
+    copies: dict[str, list[maps.Rule]] = {}
+    for r in rule_list:
+        if r.alias and not r.optional:  # DeepSeek's per-MTP-layer embedding / head copies
+            copies.setdefault(r.mcore, []).append(r)
+    saved = args_get(ck.args, "params_dtype")
+    itemsize = saved.itemsize if isinstance(saved, torch.dtype) else 4  # only sizes the progress line
+    prog = Progress("mcore-to-hf", len(owners), sum(prod(r.mcore_shape) for r in owners.values()) * itemsize,
+                    enabled=progress)
+    seen: set[str] = set()
     with staging(Path(out), overwrite) as tmp:
         writer = HFWriter(tmp, max_shard_bytes)
-        for stage, items in enumerate(plan):
-            files = _stage_tensors(ck, stage, {local for _, local in items})
-            for rule, local in items:
-                if rule.mcore != stages.global_name(stage, local):
-                    continue  # the last stage's copy of a tied embedding
-                full = merge_tp(local, [f[local] for f in files])
-                for name, t in maps.apply_mcore_to_hf(rule, {rule.mcore: full}.__getitem__):
-                    writer.add(name, t)
-            del files
+        for name, full in ck.tensors():
+            if name not in owners or name in seen:
+                raise ValueError(f"{ck.legacy.step_dir}: unexpected tensor {name!r} (global name) for model_type "
+                                 f"{model_type(ck.hf_config)!r} and this config.json; pass the matching --hf-config")
+            seen.add(name)
+            for rule in (owners[name], *copies.get(name, ())):
+                for hf_name, t in maps.apply_mcore_to_hf(rule, {name: full}.__getitem__):
+                    writer.add(hf_name, t)
+            prog.update(full.numel() * full.element_size())
+        missing = [n for n in owners if n not in seen]
+        if missing:
+            raise ValueError(f"{ck.legacy.step_dir}: missing tensor {missing[0]!r} ({len(missing)} missing in all) for "
+                             f"this config.json with TP={ck.tp} PP={ck.pp} VPP={ck.vpp} EP={ck.ep}")
         writer.close()
-        copy_side_files(cfg_dir, tmp)
+        copy_side_files(ck.config_dir, tmp)
+    prog.close()
     return Path(out)

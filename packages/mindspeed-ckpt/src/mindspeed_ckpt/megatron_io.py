@@ -5,9 +5,13 @@
     M/latest_checkpointed_iteration.txt      "1" (or "release")
     M/iter_0000001/mp_rank_TT/model_optim_rng.pt          (PP = 1)
     M/iter_0000001/mp_rank_TT_PPP/model_optim_rng.pt      (PP > 1)
+    M/iter_0000001/mp_rank_TT[_PPP]_EEE/model_optim_rng.pt (EP > 1: EP rank appended)
 
 Each file is ``torch.save`` of ``{"model": state_dict, "checkpoint_version": 3.0,
-"iteration": N, "args": argparse.Namespace}``, the keys megatron's ``load_checkpoint`` reads.
+"iteration": N, "args": argparse.Namespace}``, the keys megatron's ``load_checkpoint`` reads;
+with virtual pipeline stages (VPP) it holds ``model0``, ``model1``, ... (one per model chunk)
+instead of ``model``. ``mp_rank_TT_NNN`` is a PP rank or, when PP = 1 and EP > 1, an EP rank:
+the saved args (``expert_model_parallel_size``, ``pipeline_model_parallel_size``) decide.
 """
 
 from __future__ import annotations
@@ -24,24 +28,35 @@ import torch
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
 def iteration_dir(iteration: int | str) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
-def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """Megatron's rank directory name: ``mp_rank_TT``, ``_PPP`` when PP > 1, ``_EEE`` when EP > 1."""
+    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep == 1 else f"{name}_{ep_rank:03d}"
+
+
+def model_keys(vpp: int) -> list[str]:
+    """The state-dict keys of a rank file: ``model``, or ``model0..model{vpp-1}`` with VPP."""
+    return ["model"] if vpp == 1 else [f"model{c}" for c in range(vpp)]
 
 
 def save_rank(root: Path, iteration: int, tp_rank: int, pp_rank: int, pp: int,
-              model: dict[str, torch.Tensor], args: argparse.Namespace) -> Path:
-    """Write one rank file; returns its path."""
-    d = root / iteration_dir(iteration) / rank_dir(tp_rank, pp_rank, pp)
+              model: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]], args: argparse.Namespace, *,
+              ep_rank: int = 0, ep: int = 1) -> Path:
+    """Write one rank file (``model`` a state dict, or one per VPP chunk); returns its path."""
+    d = root / iteration_dir(iteration) / rank_dir(tp_rank, pp_rank, pp, ep_rank, ep)
     d.mkdir(parents=True, exist_ok=True)
     path = d / FILE
-    torch.save({"model": model, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "args": args}, path)
+    chunks = model if isinstance(model, list) else [model]
+    ckpt: dict[str, Any] = dict(zip(model_keys(len(chunks)), chunks, strict=True))
+    ckpt.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, args=args)
+    torch.save(ckpt, path)
     return path
 
 
@@ -51,20 +66,21 @@ def write_tracker(root: Path, iteration: int) -> None:
 
 @dataclass(frozen=True)
 class LegacyCheckpoint:
-    """A located legacy checkpoint: its iteration directory and TP/PP sizes (from the rank
-    directories, cross-checked with the saved args)."""
+    """A located legacy checkpoint: its iteration directory and TP/PP/EP sizes (from the rank
+    directories, the EP/PP ambiguity of ``mp_rank_TT_NNN`` settled by the saved args)."""
 
     root: Path
     step_dir: Path
     tp: int
     pp: int
+    ep: int = 1
 
-    def path(self, tp_rank: int, pp_rank: int) -> Path:
-        return self.step_dir / rank_dir(tp_rank, pp_rank, self.pp) / FILE
+    def path(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> Path:
+        return self.step_dir / rank_dir(tp_rank, pp_rank, self.pp, ep_rank, self.ep) / FILE
 
-    def load(self, tp_rank: int, pp_rank: int) -> dict[str, Any]:
+    def load(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict[str, Any]:
         """One rank file (memory-mapped: tensors are read when used)."""
-        return load_file(self.path(tp_rank, pp_rank))
+        return load_file(self.path(tp_rank, pp_rank, ep_rank))
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -76,9 +92,19 @@ def load_file(path: Path) -> dict[str, Any]:
             ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), Mapping):
-        raise ValueError(f"{path}: expected a dict with a 'model' state dict (megatron legacy checkpoint)")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model", ckpt.get("model0")), Mapping):
+        raise ValueError(f"{path}: expected a dict with a 'model' (or VPP 'model0', ...) state dict (megatron legacy checkpoint)")
     return ckpt
+
+
+def chunks(ckpt: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The model state dicts of a loaded rank file: ``[model]`` or ``[model0, model1, ...]``."""
+    if "model" in ckpt:
+        return [ckpt["model"]]
+    out = []
+    while isinstance(ckpt.get(f"model{len(out)}"), Mapping):
+        out.append(ckpt[f"model{len(out)}"])
+    return out
 
 
 def args_get(args: Any, key: str, default: Any = None) -> Any:
@@ -102,14 +128,26 @@ def locate(mcore_dir: str | Path) -> LegacyCheckpoint:
     step_dir = root / iteration_dir(text)
     if not step_dir.is_dir():
         raise ValueError(f"{step_dir}: iteration directory named by {TRACKER} not found")
-    ranks = [m for p in step_dir.iterdir() if (m := _RANK_DIR.match(p.name))]
+    ranks = [tuple(int(g) for g in m.groups() if g is not None) for p in step_dir.iterdir() if (m := _RANK_DIR.match(p.name))]
     if not ranks:
         raise ValueError(f"{step_dir}: no mp_rank_* directories")
-    tp = 1 + max(int(m.group(1)) for m in ranks)
-    pp = 1 + max(int(m.group(2) or 0) for m in ranks)
-    ckpt = LegacyCheckpoint(root, step_dir, tp, pp)
+    tp = 1 + max(r[0] for r in ranks)
+    second = 1 + max((r[1] for r in ranks if len(r) > 1), default=-1)
+    third = 1 + max((r[2] for r in ranks if len(r) > 2), default=-1)
+    pp, ep = (second, third) if third else (second or 1, 1)
+    if second and not third and _second_is_ep(step_dir):
+        pp, ep = 1, second
+    ckpt = LegacyCheckpoint(root, step_dir, tp, pp, ep)
     for t in range(tp):
         for p in range(pp):
-            if not ckpt.path(t, p).is_file():
-                raise ValueError(f"{ckpt.path(t, p)}: rank file missing (found TP={tp}, PP={pp} from the rank directories)")
+            for e in range(ep):
+                if not ckpt.path(t, p, e).is_file():
+                    raise ValueError(f"{ckpt.path(t, p, e)}: rank file missing (found TP={tp}, PP={pp}, EP={ep} from the "
+                                     "rank directories)")
     return ckpt
+
+
+def _second_is_ep(step_dir: Path) -> bool:
+    """Is ``NNN`` of ``mp_rank_00_NNN`` an EP rank (PP = 1, EP > 1 in the saved args)?"""
+    args = load_file(step_dir / "mp_rank_00_000" / FILE).get("args")
+    return args_get(args, "pipeline_model_parallel_size", 1) == 1 and args_get(args, "expert_model_parallel_size", 1) > 1

@@ -6,28 +6,32 @@ whose rows are already grouped per query group so a plain chunk keeps groups who
 ``word_embeddings`` and ``output_layer`` by vocabulary row); row-parallel layers along dim 1
 (``linear_proj``, ``linear_fc2``; their biases are replicated); norms are replicated.
 
-PP: decoder layers are split evenly over stages and renumbered from 0 on each; the embedding
-lives on the first stage, ``final_layernorm`` and ``output_layer`` on the last.
+MLA: every projection into the attention (``linear_q_proj``, ``linear_q_down_proj``,
+``linear_q_up_proj``, ``linear_kv_down_proj``, ``linear_kv_up_proj``) is a
+ColumnParallelLinear in the local spec, split along dim 0 (megatron gathers the down
+projections' outputs before the latent norms, which are replicated). MTP's ``eh_proj`` is
+column-parallel too. MoE: routed experts are not split (expert TP = 1); the router weight,
+its expert bias and the shared-expert gate are replicated; shared experts split like a dense
+MLP. Pipeline and expert placement live in :mod:`mindspeed_ckpt.placement`.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 
-COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight")
+COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight",
+          "linear_q_proj.weight", "linear_q_down_proj.weight", "linear_q_up_proj.weight", "linear_kv_down_proj.weight",
+          "linear_kv_up_proj.weight", "eh_proj.weight")
 GATE_UP = ("linear_fc1.weight", "linear_fc1.bias")
 ROW = ("linear_proj.weight", "linear_fc2.weight")
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-OUTPUT = "output_layer.weight"
-EMBEDDING = "embedding.word_embeddings.weight"
+EXPERT = ".mlp.experts.local_experts."
 
 
 def tp_dim(name: str) -> int | None:
     """The dimension ``name`` is split along under TP, or None when replicated."""
+    if EXPERT in name:
+        return None  # expert tensor parallelism is 1: each expert whole on its EP rank
     if name.endswith(COLUMN) or name.endswith(GATE_UP):
         return 0
     if name.endswith(ROW):
@@ -72,44 +76,6 @@ def merge_tp(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(shards, dim=dim)
 
 
-@dataclass(frozen=True)
-class Stages:
-    """Pipeline placement: ``num_layers`` decoder layers over ``pp`` stages."""
-
-    num_layers: int
-    pp: int
-
-    def __post_init__(self):
-        if self.pp < 1 or self.num_layers % self.pp:
-            raise ValueError(f"--pp {self.pp} must divide num_hidden_layers={self.num_layers}")
-
-    @property
-    def per_stage(self) -> int:
-        return self.num_layers // self.pp
-
-    def place(self, name: str) -> tuple[int, str]:
-        """(stage, name in that stage's state dict) of a full-model megatron tensor name."""
-        m = _LAYER.match(name)
-        if m is not None:
-            i = int(m.group(1))
-            return i // self.per_stage, f"decoder.layers.{i % self.per_stage}.{m.group(2)}"
-        if name.startswith("embedding."):
-            return 0, name
-        if name.startswith(("decoder.final_layernorm.", "output_layer.")):
-            return self.pp - 1, name
-        raise ValueError(f"megatron tensor {name!r}: no pipeline stage known for it (MTP layers are not supported yet)")
-
-    def global_name(self, stage: int, local: str) -> str:
-        """Inverse of :meth:`place` for a name found in stage ``stage``'s file."""
-        m = _LAYER.match(local)
-        if m is None:
-            return local
-        i = int(m.group(1))
-        if i >= self.per_stage:
-            raise ValueError(f"stage {stage} holds layer {i} but stages hold {self.per_stage} layers each")
-        return f"decoder.layers.{stage * self.per_stage + i}.{m.group(2)}"
-
-
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
     """Megatron's padded vocabulary: ``vocab`` rounded up to a multiple of ``divisible_by * tp``."""
     if divisible_by < 1:
@@ -119,9 +85,13 @@ def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
 
 
 def check_tp(dims: dict[str, int], tp: int) -> None:
-    """Refuse a TP size that does not divide the heads, query groups or MLP width."""
+    """Refuse a TP size that does not divide the heads, query groups, MLP or shared-expert
+    width, or the MLA low-rank dims (``dims`` as in ``maps.Layout.dims``; absent keys skipped)."""
     if tp < 1:
         raise ValueError(f"--tp must be >= 1; got {tp}")
-    for key, what in (("heads", "num_attention_heads"), ("groups", "num_key_value_heads"), ("ffn", "intermediate_size")):
-        if dims[key] % tp:
+    checks = (("heads", "num_attention_heads"), ("groups", "num_key_value_heads"), ("ffn", "intermediate_size"),
+              ("shared_ffn", "the shared experts' intermediate size"), ("q_lora", "q_lora_rank"),
+              ("kv_down", "kv_lora_rank + qk_rope_head_dim"))
+    for key, what in checks:
+        if key in dims and dims[key] % tp:
             raise ValueError(f"--tp {tp} does not divide {what}={dims[key]} (config.json); pick a TP size that divides it")

@@ -55,8 +55,9 @@ def _moe_layers(c):
     return list(range(c["first_k_dense_replace"], n))
 
 
-def _transformer_config(c):
-    """megatron TransformerConfig for an HF config, written from the HF modelling code."""
+def _transformer_config(c, **parallel):
+    """megatron TransformerConfig for an HF config, written from the HF modelling code;
+    ``parallel``: extra TransformerConfig fields (parallel sizes, pipeline split)."""
     from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
     mla = c["model_type"].startswith("deepseek")
@@ -66,7 +67,7 @@ def _transformer_config(c):
         kv_channels=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
         normalization="RMSNorm", layernorm_epsilon=c["rms_norm_eps"], gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=bool(c.get("attention_bias")), add_qkv_bias=c["model_type"] in ("qwen2", "qwen2_moe"),
-        qk_layernorm=mla or c["model_type"] in ("qwen3", "qwen3_moe"), use_cpu_initialization=True,
+        qk_layernorm=mla or c["model_type"] in ("qwen3", "qwen3_moe"), use_cpu_initialization=True, **parallel,
     )
     experts = c.get("num_local_experts") or c.get("num_experts") or c.get("n_routed_experts")
     if experts:

@@ -332,12 +332,13 @@ def _mla() -> tuple[HFKey, ...]:
 
 
 _ORIGINAL_KEY = "absent from transformers' DeepseekV3Config (original DeepSeek config.json key)"
+_V2_ORIGINAL_KEY = "absent from transformers' DeepseekV2Config (original DeepSeek config.json key)"
 
 
-def _deepseek_moe() -> tuple[HFKey, ...]:
-    """DeepSeek-V3 router/expert keys; the router is mindspeed_models.moe.SigmoidGroupRouter."""
+def _deepseek_experts(routed: int, topk: int | None, ffn: int, shared: int, first_dense: int, original: str) -> tuple[HFKey, ...]:
+    """Expert-count and placement keys shared by DeepSeek-V2 and V3 (their transformers defaults differ)."""
     return (
-        HFKey("n_routed_experts", 256, "TransformerConfig.num_moe_experts", "num_local_experts is the same key"),
+        HFKey("n_routed_experts", routed, "TransformerConfig.num_moe_experts", "num_local_experts is the same key"),
         HFKey(
             "num_local_experts",
             None,
@@ -345,23 +346,39 @@ def _deepseek_moe() -> tuple[HFKey, ...]:
             "alias of n_routed_experts",
             derived="n_routed_experts",
         ),
-        HFKey("num_experts_per_tok", 8, "TransformerConfig.moe_router_topk"),
-        HFKey("moe_intermediate_size", 2048, "TransformerConfig.moe_ffn_hidden_size", "per routed expert"),
+        HFKey("num_experts_per_tok", topk, "TransformerConfig.moe_router_topk"),
+        HFKey("moe_intermediate_size", ffn, "TransformerConfig.moe_ffn_hidden_size", "per routed expert"),
         HFKey(
             "n_shared_experts",
-            1,
+            shared,
             "TransformerConfig.moe_shared_expert_intermediate_size",
             "= n_shared_experts x moe_intermediate_size (one ungated shared MLP); 0: none",
         ),
-        HFKey("first_k_dense_replace", 3, "TransformerConfig.moe_layer_freq", "the first k layers are dense (intermediate_size)"),
+        HFKey(
+            "first_k_dense_replace",
+            first_dense,
+            "TransformerConfig.moe_layer_freq",
+            "the first k layers are dense (intermediate_size)",
+        ),
         HFKey(
             "moe_layer_freq",
             1,
             "TransformerConfig.moe_layer_freq",
             "every layer after the dense ones",
             supported=(1,),
-            derived=_ORIGINAL_KEY,
+            derived=original,
         ),
+        HFKey("aux_loss_alpha", 0.001, "-", "training-only balance loss: use the moe_aux_loss_coeff override", derived=original),
+        HFKey("seq_aux", True, "-", "use moe_router_load_balancing_type='seq_aux_loss'", derived=original),
+        HFKey("ep_size", 1, "-", "use the expert_model_parallel_size override", derived=original),
+        HFKey("output_router_logits", False, "-", "HF forward output switch; ignored"),
+        HFKey("pretraining_tp", 1, "-", "HF-only slicing of the same matmuls; no effect on the result"),
+    )
+
+
+def _deepseek_moe() -> tuple[HFKey, ...]:
+    """DeepSeek-V3 router/expert keys; the router is mindspeed_models.moe.DeepSeekRouter (sigmoid)."""
+    return _deepseek_experts(256, 8, 2048, 1, 3, _ORIGINAL_KEY) + (
         HFKey("n_group", 8, "TransformerConfig.moe_router_num_groups", "groups ranked by the sum of their 2 best scores"),
         HFKey("topk_group", 4, "TransformerConfig.moe_router_group_topk"),
         HFKey(
@@ -389,23 +406,58 @@ def _deepseek_moe() -> tuple[HFKey, ...]:
             derived=_ORIGINAL_KEY,
         ),
         HFKey(
-            "aux_loss_alpha",
-            0.001,
-            "-",
-            "training-only sequence aux loss, not applied (load balancing 'none')",
-            derived=_ORIGINAL_KEY,
-        ),
-        HFKey("seq_aux", True, "-", "see aux_loss_alpha", derived=_ORIGINAL_KEY),
-        HFKey("ep_size", 1, "-", "use the expert_model_parallel_size override", derived=_ORIGINAL_KEY),
-        HFKey("output_router_logits", False, "-", "HF forward output switch; ignored"),
-        HFKey(
             "num_nextn_predict_layers",
             1,
-            "-",
-            "MTP layers are not built (transformers does not run them; ModelSpec.hf_config says 0)",
+            "TransformerConfig.mtp_num_layers",
+            "Multi-Token Prediction layers (checkpoint layers num_hidden_layers + k); "
+            "their loss is added in training, logits without labels skip them",
         ),
-        HFKey("pretraining_tp", 1, "-", "HF-only slicing of the same matmuls; no effect on the result"),
     )
+
+
+def _deepseek_v2_moe() -> tuple[HFKey, ...]:
+    """DeepSeek-V2 router/expert keys: softmax scores, greedy or group-limited greedy, no expert bias, no MTP."""
+    return _deepseek_experts(64, None, 1407, 2, 0, _V2_ORIGINAL_KEY) + (
+        HFKey(
+            "topk_method",
+            "greedy",
+            "TransformerConfig.moe_router_num_groups",
+            "greedy: plain top-k; group_limited_greedy: the topk_group groups with the best single score",
+            supported=("greedy", "group_limited_greedy"),
+        ),
+        HFKey("n_group", None, "TransformerConfig.moe_router_num_groups", "read with topk_method group_limited_greedy"),
+        HFKey("topk_group", None, "TransformerConfig.moe_router_group_topk", "read with topk_method group_limited_greedy"),
+        HFKey(
+            "norm_topk_prob",
+            False,
+            "-",
+            "transformers' DeepseekV2 never renormalises the k softmax weights; true would be ignored there",
+            supported=(False,),
+        ),
+        HFKey("routed_scaling_factor", 1.0, "TransformerConfig.moe_router_topk_scaling_factor", "multiplies the k weights"),
+        HFKey(
+            "scoring_func",
+            "softmax",
+            "TransformerConfig.moe_router_score_function",
+            "",
+            supported=("softmax",),
+            derived=_V2_ORIGINAL_KEY,
+        ),
+        HFKey("mlp_bias", False, "-", "DeepSeek MLPs have no bias", supported=(False,)),
+    )
+
+
+_DEEPSEEK_V2 = Architecture(
+    model_type="deepseek_v2",
+    hf_class="DeepseekV2ForCausalLM",
+    layer_kind="mla_moe",
+    qkv_bias=False,
+    qk_norm=False,
+    keys=_with_defaults(_sizes(102400, 4096, 11008, 32, 32, 2048), num_hidden_layers=32)
+    + tuple(k for k in _common() if k.name != "partial_rotary_factor")
+    + tuple(k for k in _mla() if k.name != "rope_interleave")
+    + _deepseek_v2_moe(),
+)
 
 
 _DEEPSEEK_V3 = Architecture(
@@ -420,7 +472,9 @@ _DEEPSEEK_V3 = Architecture(
     + _deepseek_moe(),
 )
 
-ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (_LLAMA, _QWEN2, _QWEN3, _QWEN3_MOE, _MIXTRAL, _DEEPSEEK_V3)}
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a for a in (_LLAMA, _QWEN2, _QWEN3, _QWEN3_MOE, _MIXTRAL, _DEEPSEEK_V2, _DEEPSEEK_V3)
+}
 """Every supported ``model_type``; the only place an architecture is registered."""
 
 GENERIC_IGNORED_KEYS: frozenset[str] = frozenset(

@@ -28,10 +28,10 @@ from mindspeed_kernels.rope import RopeScaling
 from mindspeed_models import architectures
 from mindspeed_models.architectures import Architecture
 from mindspeed_models.mla import mla_config_fields
-from mindspeed_models.moe import SigmoidRouting
+from mindspeed_models.moe import DeepSeekRouting
 from mindspeed_models.spec import layer_specs
 
-__all__ = ["ModelSpec", "RopeSettings", "from_hf_config", "read_hf_config"]
+__all__ = ["ModelSpec", "RopeSettings", "from_hf_config", "read_hf_config", "without_absent_mtp"]
 
 _log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def from_hf_config(config: Mapping | str | os.PathLike, **overrides) -> ModelSpe
     if arch.layer_kind in ("moe", "mla_moe"):
         _check_moe_overrides(tc_kwargs)
     if mla:
-        hf = _check_deepseek_overrides(tc_kwargs, hf)
+        hf = _check_deepseek_overrides(tc_kwargs, hf, options["deepseek_routing"])
     tconfig = (MLATransformerConfig if mla else TransformerConfig)(**tc_kwargs)
     vocab = values["vocab_size"]
     return ModelSpec(
@@ -180,6 +180,20 @@ def from_hf_config(config: Mapping | str | os.PathLike, **overrides) -> ModelSpe
         tie_word_embeddings=values["tie_word_embeddings"],
         hf_config=ReadOnlyDict(hf),
     )
+
+
+def without_absent_mtp(spec: ModelSpec, present: bool, overrides: Mapping[str, Any], where: object) -> ModelSpec:
+    """``spec`` rebuilt without MTP layers when its config asks for some but the checkpoint at ``where``
+    holds none (``present`` False; transformers' save_pretrained drops them), with one warning. An
+    explicit ``mtp_num_layers`` in ``overrides`` is kept (loading then names the missing tensors)."""
+    if not spec.config.mtp_num_layers or present or "mtp_num_layers" in overrides:
+        return spec
+    _log.warning(
+        "%s: config.json asks for %d MTP layer(s) but the checkpoint has no MTP tensors; building the main model only",
+        where,
+        spec.config.mtp_num_layers,
+    )
+    return from_hf_config(dict(spec.hf_config), **{**overrides, "mtp_num_layers": 0})
 
 
 def _check_keys(arch: Architecture, hf: dict) -> None:
@@ -353,24 +367,20 @@ _MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_di
 
 
 def _deepseek_kwargs(arch: Architecture, hf: dict, v: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(MLATransformerConfig MLA + MoE fields, spec builder options) of a DeepSeek-V3 config."""
+    """(MLATransformerConfig MLA + MoE fields, spec builder options) of a DeepSeek-V2 / V3 config."""
     if v["num_key_value_heads"] != v["num_attention_heads"]:
         raise ValueError(
             f"config.json: num_key_value_heads={v['num_key_value_heads']} must equal num_attention_heads="
             f"{v['num_attention_heads']} for MLA (every head has its own k/v)"
         )
-    fields = mla_config_fields({**hf, **{k: v[k] for k in _MLA_KEYS}, "rope_interleave": v["rope_interleave"]})
+    fields = mla_config_fields({**hf, **{k: v[k] for k in _MLA_KEYS}, "rope_interleave": v.get("rope_interleave", True)})
     experts = _num_experts(arch, hf)
-    for name in ("num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
+    for name in ("num_experts_per_tok", "moe_intermediate_size"):
         _positive_int(name, v[name])
-    topk, ffn, groups, topk_group = (v[k] for k in ("num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"))
-    if experts % groups or topk_group > groups:
-        raise ValueError(
-            f"config.json: n_group={groups} must divide n_routed_experts={experts} and be >= topk_group={topk_group}"
-        )
-    reachable = topk_group * (experts // groups)
-    if topk > reachable:
-        raise ValueError(f"config.json: num_experts_per_tok={topk} must be <= topk_group x experts per group ({reachable})")
+    topk, ffn = v["num_experts_per_tok"], v["moe_intermediate_size"]
+    v3 = arch.model_type == "deepseek_v3"
+    groups, topk_group = (v["n_group"], v["topk_group"]) if v3 or v["topk_method"] == "group_limited_greedy" else (None, None)
+    _check_groups(experts, topk, groups, topk_group)
     shared, first_dense = v["n_shared_experts"], v["first_k_dense_replace"]
     for name, value in (("n_shared_experts", shared), ("first_k_dense_replace", first_dense)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -381,6 +391,13 @@ def _deepseek_kwargs(arch: Architecture, hf: dict, v: dict[str, Any]) -> tuple[d
     if not isinstance(v["norm_topk_prob"], bool):
         raise ValueError(f"config.json: norm_topk_prob={v['norm_topk_prob']!r} must be true or false")
     _number("routed_scaling_factor", v["routed_scaling_factor"])
+    mtp = v.get("num_nextn_predict_layers", 0)
+    if isinstance(mtp, bool) or not isinstance(mtp, int) or mtp < 0:
+        raise ValueError(f"config.json: num_nextn_predict_layers={mtp!r} must be an integer >= 0")
+    # DeepSeek-V3: sigmoid scores, expert_bias (HF e_score_correction_bias) for the choice only, groups
+    # ranked by their 2 best scores, normalisation iff norm_topk_prob. DeepSeek-V2: softmax, groups ranked
+    # by their best score, never renormalised. Both then multiply by routed_scaling_factor.
+    routing = DeepSeekRouting("sigmoid", v["norm_topk_prob"], 2) if v3 else DeepSeekRouting("softmax", False, 1)
     return dict(
         fields,
         num_moe_experts=experts,
@@ -388,10 +405,10 @@ def _deepseek_kwargs(arch: Architecture, hf: dict, v: dict[str, Any]) -> tuple[d
         moe_ffn_hidden_size=ffn,
         moe_shared_expert_intermediate_size=shared * ffn or None,
         moe_layer_freq=1 if first_dense == 0 else [int(i >= first_dense) for i in range(layers)],
-        # SigmoidGroupRouter: sigmoid scores, expert_bias (HF e_score_correction_bias) for the choice
-        # only, groups ranked by their 2 best scores, normalisation iff norm_topk_prob, then the factor.
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
+        moe_router_score_function=routing.score_function,
+        # DeepSeek-V2 takes the top-k of softmax scores (megatron's name; our router computes it either way)
+        moe_router_pre_softmax=routing.score_function == "softmax",
+        moe_router_enable_expert_bias=v3,
         # megatron's default rate of the training-time bias update (DeepSeek-V3 paper: 1e-3).
         moe_router_bias_update_rate=1e-3,
         moe_router_num_groups=groups,
@@ -402,29 +419,48 @@ def _deepseek_kwargs(arch: Architecture, hf: dict, v: dict[str, Any]) -> tuple[d
         moe_aux_loss_coeff=0.0,
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=False,
-    ), {"sigmoid_routing": SigmoidRouting(normalize=v["norm_topk_prob"])}
+        # DeepSeek-V3's MTP modules; megatron's loss weight default (the paper: 0.3, then 0.1).
+        mtp_num_layers=mtp,
+        mtp_loss_scaling_factor=0.1,
+    ), {"deepseek_routing": routing}
 
 
-def _check_deepseek_overrides(kwargs: dict[str, Any], hf: dict) -> dict:
-    """Reject router overrides SigmoidGroupRouter does not honour, and MTP; returns the hf config the
-    checkpoint maps should see (``num_nextn_predict_layers`` = 0: no MTP layer is built)."""
-    if kwargs.get("mtp_num_layers"):
+def _check_groups(experts: int, topk: int, groups, topk_group) -> None:
+    """Group-limited routing: n_group divides the experts, topk_group <= n_group, k reachable (None, None: no groups)."""
+    if groups is None and topk_group is None:
+        if topk > experts:
+            raise ValueError(f"config.json: num_experts_per_tok={topk} must be <= n_routed_experts={experts}")
+        return
+    _positive_int("n_group", groups)
+    _positive_int("topk_group", topk_group)
+    if experts % groups or topk_group > groups:
         raise ValueError(
-            f"from_hf_config: mtp_num_layers={kwargs['mtp_num_layers']} is not supported for deepseek_v3 yet; "
-            "leave it unset (MTP layers are not built)"
+            f"config.json: n_group={groups} must divide n_routed_experts={experts} and be >= topk_group={topk_group}"
         )
-    for field, value in (("moe_router_score_function", "sigmoid"), ("moe_router_load_balancing_type", "none")):
-        if kwargs[field] != value:
-            raise ValueError(f"from_hf_config: {field}={kwargs[field]!r} is not supported for deepseek_v3; only {value!r}")
-    mtp = hf.get("num_nextn_predict_layers", 1)
-    if mtp:
-        _log.warning(
-            "deepseek_v3: num_nextn_predict_layers=%s MTP layer(s) are not built (transformers does not run them); "
-            "the model is the main %s-layer decoder only",
-            mtp,
-            kwargs["num_layers"],
+    reachable = topk_group * (experts // groups)
+    if topk > reachable:
+        raise ValueError(f"config.json: num_experts_per_tok={topk} must be <= topk_group x experts per group ({reachable})")
+
+
+def _check_deepseek_overrides(kwargs: dict[str, Any], hf: dict, routing: DeepSeekRouting) -> dict:
+    """Reject router overrides DeepSeekRouter does not honour; resolve MTP (HF ``num_nextn_predict_layers``,
+    override ``mtp_num_layers``, 0 = none). Returns the hf config the checkpoint maps should see."""
+    model_type = hf.get("model_type")
+    if kwargs["moe_router_score_function"] != routing.score_function:
+        raise ValueError(
+            f"from_hf_config: moe_router_score_function={kwargs['moe_router_score_function']!r} is not supported for "
+            f"{model_type}; only {routing.score_function!r}"
         )
-    return {**hf, "num_nextn_predict_layers": 0}
+    if kwargs["moe_router_load_balancing_type"] == "sinkhorn":
+        raise ValueError(
+            f"from_hf_config: moe_router_load_balancing_type='sinkhorn' is not supported for {model_type}; "
+            "use 'none', 'aux_loss', 'seq_aux_loss' or 'global_aux_loss'"
+        )
+    mtp = kwargs.get("mtp_num_layers")
+    if isinstance(mtp, bool) or not isinstance(mtp, (int, type(None))) or (mtp or 0) < 0:
+        raise ValueError(f"from_hf_config: mtp_num_layers={mtp!r} must be an integer >= 0 (0 or None: no MTP layer)")
+    kwargs["mtp_num_layers"] = mtp or None
+    return {**hf, "num_nextn_predict_layers": mtp or 0} if model_type == "deepseek_v3" or mtp else hf
 
 
 def _check_moe_overrides(kwargs: dict[str, Any]) -> None:

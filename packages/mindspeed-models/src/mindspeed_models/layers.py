@@ -58,3 +58,7 @@ class SwiGLU(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.swiglu(x)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """No parameters: nothing to checkpoint (megatron's MLP asks each child for its sharded state)."""
+        return {}

@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
 
 from mindspeed_models import adaptor, runtime
 from mindspeed_models.config import ModelSpec
 from mindspeed_models.layers import param_device
 from mindspeed_models.rope import RotaryAngles
-from mindspeed_models.spec import block_submodules
+from mindspeed_models.spec import block_submodules, mtp_block_spec
 
-__all__ = ["build_model", "logits"]
+__all__ = ["MTPGPTModel", "build_model", "logits"]
+
+
+class MTPGPTModel(GPTModel):
+    """megatron's ``GPTModel``; without ``labels`` its Multi-Token Prediction layers are skipped.
+
+    With labels, megatron's forward adds the MTP loss (``mtp_loss_scaling_factor`` / ``mtp_num_layers``
+    times the mean LM loss of each MTP depth) to the gradient and returns the main per-token losses.
+    Without labels megatron 0.16 still runs the MTP layers and then fails on ``labels.clone()``; the
+    MTP heads predict later tokens and never change the next-token logits, so this class returns
+    those logits directly (``[B, S, V]``, as GPTModel).
+    """
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        if labels is not None or not self.mtp_process or not self.post_process or kwargs.get("inference_context"):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        out, _ = self.output_layer(hidden_states, weight=weight, runtime_gather_output=kwargs.get("runtime_gather_output"))
+        return out.transpose(0, 1).contiguous()
 
 
 def build_model(spec: ModelSpec, *, pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
@@ -29,7 +48,9 @@ def build_model(spec: ModelSpec, *, pre_process: bool = True, post_process: bool
     adaptor.install()
     runtime.ensure_parallel_state()
     config = spec.config
-    model = GPTModel(
+    on_rank = post_process and mtp_on_this_rank(config, ignore_virtual=False, vp_stage=vp_stage)
+    mtp = mtp_block_spec(spec.layer_specs, config) if on_rank else None
+    model = (GPTModel if mtp is None else MTPGPTModel)(
         config=config,
         transformer_layer_spec=block_submodules(spec.layer_specs, config, vp_stage),
         vocab_size=spec.padded_vocab_size,
@@ -40,6 +61,7 @@ def build_model(spec: ModelSpec, *, pre_process: bool = True, post_process: bool
         position_embedding_type="rope",
         rotary_base=spec.rope.base,
         vp_stage=vp_stage,
+        mtp_block_spec=mtp,
     )
     # GPTModel builds megatron's RotaryEmbedding, which knows only plain and a fixed Llama-3
     # scaling; ours reproduces the HF config's frequencies (the module holds no parameters).

@@ -6,9 +6,11 @@ dicts, sharded checkpoints and the ``mindspeed_ckpt.maps`` names are unchanged, 
 runs all local experts at once instead of one MLP call per expert. Selected by
 ``moe_grouped_gemm=True`` (an override of :func:`mindspeed_models.from_hf_config`).
 
-:class:`SigmoidGroupRouter` is DeepSeek-V3's router (sigmoid scores, selection-only expert bias,
-group-limited top-k), reproducing transformers' ``DeepseekV3TopkRouter`` exactly; megatron's own
-sigmoid path always renormalises the k weights and ranks groups by their top ``k / groups`` scores.
+:class:`DeepSeekRouter` is DeepSeek's router, reproducing transformers' ``DeepseekV3TopkRouter``
+(sigmoid scores, selection-only expert bias, groups ranked by their 2 best scores) and
+``DeepseekV2TopkRouter`` (softmax scores, greedy or group-limited greedy: groups ranked by their
+best score, no renormalisation) exactly; megatron's own router always renormalises sigmoid
+weights and ranks groups by their top ``k / groups`` scores.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping, compute_routing_scores_for_aux_loss
 from megatron.core.transformer.moe.router import TopKRouter
 
 from mindspeed_kernels import ops
 
-__all__ = ["GroupedSwiGLUExperts", "SigmoidGroupRouter", "SigmoidRouting", "sigmoid_group_topk"]
+__all__ = ["DeepSeekRouter", "DeepSeekRouting", "GroupedSwiGLUExperts", "deepseek_topk"]
 
 
 class GroupedSwiGLUExperts(SequentialMLP):
@@ -57,19 +60,27 @@ class GroupedSwiGLUExperts(SequentialMLP):
 
 
 @dataclass(frozen=True)
-class SigmoidRouting:
-    """How :class:`SigmoidGroupRouter` turns the selected sigmoid scores into weights.
+class DeepSeekRouting:
+    """How :class:`DeepSeekRouter` scores experts and turns the selected scores into weights.
 
+    ``score_function``: "sigmoid" (DeepSeek-V3) or "softmax" (DeepSeek-V2) of the router logits.
     ``normalize``: divide the k selected scores by their sum (HF ``norm_topk_prob``), before the
     scaling factor. ``group_score_topk``: how many of a group's best scores (bias included) are
-    summed to rank the groups (DeepSeek-V3: 2, whatever k and the group counts are).
+    summed to rank the groups (DeepSeek-V3: 2; DeepSeek-V2's group-limited greedy: 1, the maximum).
     """
 
+    score_function: str = "sigmoid"
     normalize: bool = True
     group_score_topk: int = 2
 
+    def __post_init__(self) -> None:
+        if self.score_function not in ("sigmoid", "softmax"):
+            raise ValueError(f"DeepSeekRouting: score_function={self.score_function!r}; use 'sigmoid' or 'softmax'")
+        if isinstance(self.group_score_topk, bool) or not isinstance(self.group_score_topk, int) or self.group_score_topk < 1:
+            raise ValueError(f"DeepSeekRouting: group_score_topk={self.group_score_topk!r} must be a positive int")
 
-def sigmoid_group_topk(
+
+def deepseek_topk(
     logits: torch.Tensor,
     topk: int,
     *,
@@ -77,17 +88,18 @@ def sigmoid_group_topk(
     group_topk: int | None,
     expert_bias: torch.Tensor | None,
     scaling_factor: float | None,
-    routing: SigmoidRouting,
+    routing: DeepSeekRouting,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 routing of ``logits`` [T, E] -> (probs [T, E] float32, zero off the map; routing_map [T, E] bool).
+    """DeepSeek routing of ``logits`` [T, E] -> (probs [T, E] float32, zero off the map; routing_map [T, E] bool).
 
-    scores = sigmoid(logits); the choice uses scores + ``expert_bias`` (selection only), restricted
-    to the ``group_topk`` best of ``num_groups`` equal expert groups (ranked by the sum of their
-    ``routing.group_score_topk`` best choice scores); the weights are the unbiased scores of the
-    k chosen experts, divided by their sum when ``routing.normalize``, times ``scaling_factor``.
+    scores = sigmoid(logits) or softmax(logits) (``routing.score_function``, float32); the choice uses
+    scores + ``expert_bias`` (selection only), restricted to the ``group_topk`` best of ``num_groups``
+    equal expert groups (ranked by the sum of their ``routing.group_score_topk`` best choice scores);
+    the weights are the unbiased scores of the k chosen experts, divided by their sum when
+    ``routing.normalize``, times ``scaling_factor``.
     """
     tokens, experts = logits.shape
-    scores = torch.sigmoid(logits.float())
+    scores = torch.sigmoid(logits.float()) if routing.score_function == "sigmoid" else torch.softmax(logits.float(), -1)
     choice = scores if expert_bias is None else scores + expert_bias.float()
     if num_groups and group_topk:
         per_group = experts // num_groups
@@ -108,42 +120,70 @@ def sigmoid_group_topk(
     return probs, routing_map
 
 
-class SigmoidGroupRouter(TopKRouter):
+class DeepSeekRouter(TopKRouter):
     """megatron's ``TopKRouter`` (same parameters: ``weight`` [E, H], ``expert_bias`` [E] when
-    ``moe_router_enable_expert_bias``) with :func:`sigmoid_group_topk` as its top-k.
+    ``moe_router_enable_expert_bias``) with :func:`deepseek_topk` as its top-k.
 
     Reads ``moe_router_topk``, ``moe_router_num_groups``, ``moe_router_group_topk`` and
-    ``moe_router_topk_scaling_factor`` from the config; ``routing`` is the :class:`SigmoidRouting`.
+    ``moe_router_topk_scaling_factor`` from the config; ``routing`` is the :class:`DeepSeekRouting`.
     ``forward(input [S, B, H])`` -> (probs [S*B, E], routing_map [S*B, E]) as ``TopKRouter``. In
     training (autograd on) the selected-token counts are accumulated for megatron's expert-bias
-    update (``moe_router_bias_update_rate``); no auxiliary loss is applied (the config must say
-    ``moe_router_load_balancing_type="none"``).
+    update (``moe_router_bias_update_rate``). The rest is megatron's own machinery, in its order:
+    z-loss (``moe_z_loss_coeff``), token dropping (``moe_expert_capacity_factor``,
+    ``moe_token_drop_policy``, ``moe_pad_expert_input_to_capacity``) and the balance losses
+    (``moe_router_load_balancing_type`` "aux_loss" / "seq_aux_loss" / "global_aux_loss" with
+    ``moe_aux_loss_coeff``; DeepSeek-V3's sequence-wise loss is "seq_aux_loss"), computed by megatron on
+    the softmax scores, or the sigmoid scores normalised over all experts, and their unbiased top-k, as
+    the DeepSeek-V2/V3 reports define them.
     """
 
-    def __init__(self, config, pg_collection=None, *, routing: SigmoidRouting = SigmoidRouting()) -> None:
+    def __init__(self, config, pg_collection=None, *, routing: DeepSeekRouting = DeepSeekRouting()) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
-        if config.moe_router_score_function != "sigmoid" or config.moe_router_load_balancing_type != "none":
+        if config.moe_router_score_function != routing.score_function or self.routing_type == "sinkhorn":
             raise ValueError(
-                "SigmoidGroupRouter: needs moe_router_score_function='sigmoid' and moe_router_load_balancing_type='none'"
+                f"DeepSeekRouter: needs moe_router_score_function={routing.score_function!r} (the routing's) and a "
+                f"moe_router_load_balancing_type other than 'sinkhorn' (got {config.moe_router_score_function!r}, "
+                f"{config.moe_router_load_balancing_type!r})"
             )
-        if config.moe_expert_capacity_factor is not None:
-            raise ValueError("SigmoidGroupRouter: moe_expert_capacity_factor is not supported; leave it None")
-        self.sigmoid_routing = routing
+        self.deepseek_routing = routing
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        seq_length, bsz = logits.shape[:2]
         logits = logits.view(-1, self.config.num_moe_experts)
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
-        probs, routing_map = sigmoid_group_topk(
+        probs, routing_map = deepseek_topk(
             logits,
             self.topk,
             num_groups=self.config.moe_router_num_groups,
             group_topk=self.config.moe_router_group_topk,
             expert_bias=self.expert_bias,
             scaling_factor=self.config.moe_router_topk_scaling_factor,
-            routing=self.sigmoid_routing,
+            routing=self.deepseek_routing,
         )
+        probs = probs.type_as(logits)
+        if self.config.moe_expert_capacity_factor is not None:
+            probs, routing_map = apply_router_token_dropping(
+                probs,
+                routing_map,
+                router_topk=self.topk,
+                capacity_factor=self.config.moe_expert_capacity_factor,
+                drop_policy=self.config.moe_token_drop_policy,
+                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
+            )
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            probs = self._balance_losses(probs, logits, padding_mask, seq_length, bsz)
         # token counts for megatron's expert-bias update (training only; a no-op without autograd)
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
-        return probs.type_as(logits), routing_map
+        return probs, routing_map
+
+    def _balance_losses(self, probs, logits, padding_mask, seq_length: int, bsz: int) -> torch.Tensor:
+        """megatron's aux / sequence-aux / global-aux losses attached to ``probs`` (autograd side channel)."""
+        aux_map, aux_scores = compute_routing_scores_for_aux_loss(
+            logits, self.topk, self.score_function, fused=self.config.moe_router_fusion, padding_mask=padding_mask
+        )
+        masked = padding_mask is not None
+        probs = self._apply_aux_loss(probs, aux_scores, aux_map, with_padding_mask=masked)
+        probs = self._apply_seq_aux_loss(probs, aux_scores, aux_map, seq_length, bsz, with_padding_mask=masked)
+        return self._apply_global_aux_loss(probs, aux_scores, aux_map, with_padding_mask=masked)

@@ -1,8 +1,9 @@
-"""``load_pretrained(path)``: a Hugging Face model directory as a ready megatron-core model.
+"""``load_pretrained(path)``: a Hugging Face model directory (or a Megatron checkpoint) as a ready megatron-core model.
 
 Weights are read lazily from ``model.safetensors`` or the shards named by
 ``model.safetensors.index.json`` and renamed by ``mindspeed_ckpt.maps.hf_to_mcore`` (the
-optional ``hf`` extra: ``pip install 'mindspeed-models[hf]'``).
+optional ``hf`` extra: ``pip install 'mindspeed-models[hf]'``). Megatron directories: see
+:mod:`mindspeed_models.megatron_load`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ from pathlib import Path
 import torch
 from megatron.core.models.gpt import GPTModel
 
-from mindspeed_models.config import ModelSpec, from_hf_config
+from mindspeed_models import megatron_load
+from mindspeed_models.config import ModelSpec, from_hf_config, without_absent_mtp
 from mindspeed_models.model import build_model, logits
 
 __all__ = ["PretrainedModel", "SafetensorsDir", "load_pretrained"]
-
-MCORE_MARKERS = ("latest_checkpointed_iteration.txt", "latest_train_state.pt", "release")
-
 
 @dataclass(frozen=True)
 class PretrainedModel:
@@ -103,23 +102,26 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
 
     ``dtype``: parameter dtype (default float32, what logits comparisons use); ``overrides``: as
     :func:`mindspeed_models.from_hf_config`. World size 1 is fine: a one-rank process group and
-    megatron's parallel state are created when none exists. Megatron checkpoint directories are
-    not read yet (NotImplementedError). Returns a :class:`PretrainedModel` in eval mode.
+    megatron's parallel state are created when none exists. A Megatron checkpoint directory
+    (legacy or torch_dist, with the HF config in ``path/hf_config/``) is read by
+    :mod:`mindspeed_models.megatron_load`. Returns a :class:`PretrainedModel` in eval mode.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"load_pretrained: {path} is not a directory; pass a Hugging Face model directory")
+    if not (path / "config.json").is_file() and megatron_load.is_megatron_dir(path):
+        model, spec = megatron_load.load_megatron(path, dtype=dtype, overrides=overrides)
+        return PretrainedModel(model=model, spec=spec, path=path)
     if not (path / "config.json").is_file():
-        if any((path / m).exists() for m in MCORE_MARKERS) or any(path.glob("iter_*")):
-            raise NotImplementedError(
-                f"load_pretrained: {path} is a Megatron checkpoint; loading those is not implemented yet (issue #4, "
-                "a later increment); convert it with `mindspeed convert mcore-to-hf` first"
-            )
         raise FileNotFoundError(f"load_pretrained: {path}/config.json is missing; pass a Hugging Face model directory")
     maps = _ckpt_maps()
-    spec = from_hf_config(path, **{"params_dtype": dtype, "perform_initialization": False, **overrides})
-    model = build_model(spec)
+    overrides = {"params_dtype": dtype, "perform_initialization": False, **overrides}
     with SafetensorsDir(path) as tensors:
+        spec = from_hf_config(path, **overrides)
+        # DeepSeek's Hub layout: MTP layer k is checkpoint layer num_hidden_layers + k.
+        present = f"model.layers.{spec.config.num_layers}.eh_proj.weight" in tensors
+        spec = without_absent_mtp(spec, present, overrides, path)
+        model = build_model(spec)
         state = maps.hf_to_mcore(dict(spec.hf_config), tensors, padded_vocab_size=spec.padded_vocab_size)
         load_state(model, state)
     model.eval()

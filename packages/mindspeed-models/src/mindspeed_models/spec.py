@@ -3,7 +3,8 @@
 Parameter names are those of megatron's ``get_gpt_layer_local_spec`` (``input_layernorm``,
 ``self_attention.linear_qkv``, ``q_layernorm``/``k_layernorm``, ``linear_proj``,
 ``pre_mlp_layernorm``, ``mlp.linear_fc1``/``linear_fc2``), so checkpoints and name maps written for
-that spec apply unchanged. Replaced inside: core attention (:class:`~mindspeed_models.attention.FlashAttention`),
+that spec apply unchanged. Replaced inside: q/k rotation (:class:`~mindspeed_models.self_attention.KernelRopeSelfAttention`),
+core attention (:class:`~mindspeed_models.attention.FlashAttention`),
 norms (:class:`~mindspeed_models.layers.RMSNorm`) and the MLP activation
 (:class:`~mindspeed_models.layers.SwiGLU`).
 """
@@ -17,13 +18,19 @@ from typing import Any
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+from megatron.core.transformer.multi_token_prediction import (
+    MultiTokenPredictionBlock,
+    MultiTokenPredictionBlockSubmodules,
+    MultiTokenPredictionLayer,
+    MultiTokenPredictionLayerSubmodules,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -37,9 +44,10 @@ from mindspeed_models.architectures import Architecture
 from mindspeed_models.attention import FlashAttention
 from mindspeed_models.layers import RMSNorm, SwiGLU
 from mindspeed_models.mla import mla_layer_spec
-from mindspeed_models.moe import GroupedSwiGLUExperts, SigmoidGroupRouter, SigmoidRouting
+from mindspeed_models.moe import DeepSeekRouter, DeepSeekRouting, GroupedSwiGLUExperts
+from mindspeed_models.self_attention import KernelRopeSelfAttention
 
-__all__ = ["block_submodules", "dense_layer_spec", "layer_specs", "moe_layer_spec"]
+__all__ = ["block_submodules", "dense_layer_spec", "layer_specs", "moe_layer_spec", "mtp_block_spec"]
 
 
 def _swiglu_mlp() -> MLPSubmodules:
@@ -93,7 +101,7 @@ def _layer_spec(mlp: ModuleSpec, keys_map: dict[str, str], *, qk_norm: bool) -> 
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=KernelRopeSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
@@ -136,8 +144,8 @@ def _mla(layer: ModuleSpec) -> ModuleSpec:
 
 def _mla_moe_layers(arch: Architecture, config: TransformerConfig, options: Mapping[str, Any]) -> tuple[ModuleSpec, ...]:
     """DeepSeek-V3: MLA everywhere; dense SwiGLU MLPs where ``moe_layer_freq`` is 0 (the first k layers), else
-    MoE with :class:`~mindspeed_models.moe.SigmoidGroupRouter` (``options["sigmoid_routing"]``) and shared experts."""
-    router = functools.partial(SigmoidGroupRouter, routing=options.get("sigmoid_routing", SigmoidRouting()))
+    MoE with :class:`~mindspeed_models.moe.DeepSeekRouter` (``options["deepseek_routing"]``) and shared experts."""
+    router = functools.partial(DeepSeekRouter, routing=options.get("deepseek_routing", DeepSeekRouting()))
     moe = _mla(moe_layer_spec(config, qk_norm=arch.qk_norm, router=router))
     dense = _mla(dense_layer_spec(config, qk_norm=arch.qk_norm))
     return tuple(moe if flag else dense for flag in _moe_flags(config))
@@ -157,7 +165,7 @@ def layer_specs(
     """One spec per global layer (index 0 .. num_layers - 1) for ``arch``.
 
     ``options``: builder settings that are not TransformerConfig fields (``mla_moe``:
-    ``sigmoid_routing``, a :class:`~mindspeed_models.moe.SigmoidRouting`).
+    ``deepseek_routing``, a :class:`~mindspeed_models.moe.DeepSeekRouting`).
     """
     try:
         build = _BUILDERS[arch.layer_kind]
@@ -174,3 +182,23 @@ def block_submodules(
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=list(specs[offset : offset + count]), layer_norm=RMSNorm)
+
+
+def mtp_block_spec(specs: tuple[ModuleSpec, ...], config: TransformerConfig) -> ModuleSpec | None:
+    """megatron's MultiTokenPredictionBlock of ``config.mtp_num_layers`` layers (None without MTP).
+
+    MTP layer k (DeepSeek-V3 section 2.2): ``eh_proj([enorm(embed(tokens shifted by k)) | hnorm(h)])``
+    [2H -> H], then one transformer layer built like the last decoder layer (``specs[-1]``: MLA + MoE
+    for DeepSeek-V3), then ``final_layernorm`` (HF ``shared_head.norm``) before the shared output layer.
+    Parameter names ``mtp.layers.{k}.enorm|hnorm|eh_proj|final_layernorm|transformer_layer.*``.
+    """
+    if not config.mtp_num_layers:
+        return None
+    layer = ModuleSpec(
+        module=MultiTokenPredictionLayer,
+        submodules=MultiTokenPredictionLayerSubmodules(
+            enorm=RMSNorm, hnorm=RMSNorm, eh_proj=ColumnParallelLinear, transformer_layer=specs[-1], layer_norm=RMSNorm
+        ),
+    )
+    submodules = MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * config.mtp_num_layers)
+    return ModuleSpec(module=MultiTokenPredictionBlock, submodules=submodules)

@@ -164,3 +164,42 @@ def run_schedule(chunks, micro: list[dict[str, torch.Tensor]]) -> list[torch.Ten
         seq_length=seq, micro_batch_size=batch_size, forward_only=False,
     )  # fmt: skip
     return [entry["loss"] for entry in store]
+
+
+# --- stride-aware TP sharding, for our models (fc1 = [gate | up] has partition_stride 2) -------
+
+
+def shard_group(name: str, param):
+    """The process group that splits ``param`` (None when replicated): the expert-TP group for routed
+    experts (``...local_experts.{e}...``), the TP group for everything else."""
+    from megatron.core import parallel_state as ps
+
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    if ".local_experts." in name:
+        return ps.get_expert_tensor_parallel_group()
+    return ps.get_tensor_model_parallel_group()
+
+
+def shard_strided(name: str, param, full_tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of ``full_tensor`` for parameter ``name``: megatron splits each of the
+    ``partition_stride`` blocks along ``partition_dim`` separately (fc1's gate and up halves)."""
+    group = shard_group(name, param)
+    if group is None or dist.get_world_size(group) == 1:
+        return full_tensor
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    return torch.cat([block.chunk(size, dim)[rank] for block in full_tensor.chunk(stride, dim)], dim)
+
+
+def gather_strided(name: str, param, local: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``shard_strided``: all-gather ``local`` (e.g. the gradient) over the group that splits
+    ``param`` and reassemble the full tensor."""
+    group = shard_group(name, param)
+    if group is None or dist.get_world_size(group) == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    blocks = [part.chunk(stride, dim) for part in parts]
+    return torch.cat([torch.cat([b[i] for b in blocks], dim) for i in range(stride)], dim)
