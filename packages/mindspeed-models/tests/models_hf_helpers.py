@@ -64,6 +64,10 @@ def naive_state(hf_config: dict, hf_model: torch.nn.Module, padded_vocab: int | 
             out[mc + "self_attention.q_layernorm.weight"] = sd[hf + "self_attn.q_norm.weight"]
             out[mc + "self_attention.k_layernorm.weight"] = sd[hf + "self_attn.k_norm.weight"]
         out[mc + "self_attention.linear_proj.weight"] = sd[hf + "self_attn.o_proj.weight"]
+        if f"{hf}self_attn.o_proj.bias" in sd:  # llama attention_bias + mlp_bias
+            out[mc + "self_attention.linear_proj.bias"] = sd[hf + "self_attn.o_proj.bias"]
+            out[mc + "mlp.linear_fc1.bias"] = torch.cat([sd[hf + "mlp.gate_proj.bias"], sd[hf + "mlp.up_proj.bias"]])
+            out[mc + "mlp.linear_fc2.bias"] = sd[hf + "mlp.down_proj.bias"]
         out[mc + "input_layernorm.weight"] = sd[hf + "input_layernorm.weight"]
         out[mc + "pre_mlp_layernorm.weight"] = sd[hf + "post_attention_layernorm.weight"]
         out[mc + "mlp.linear_fc1.weight"] = torch.cat([sd[hf + "mlp.gate_proj.weight"], sd[hf + "mlp.up_proj.weight"]])
@@ -114,7 +118,8 @@ def naive_moe_state(hf_config: dict, hf_model: torch.nn.Module, padded_vocab: in
 
     transformers 5 holds each MoE layer's experts fused in memory: ``mlp.experts.gate_up_proj``
     [E, 2F, H] (gate rows then up rows, as megatron's fc1) and ``mlp.experts.down_proj`` [E, H, F];
-    the router is ``mlp.gate.weight`` [E, H]. Dense layers (qwen3_moe mlp_only_layers) keep dense names.
+    the router is ``mlp.gate.weight`` [E, H]; qwen2_moe's ``shared_expert`` (+ ``shared_expert_gate`` [1, H])
+    becomes megatron's ``shared_experts`` (+ ``gate_weight``). Dense layers (mlp_only_layers) keep dense names.
     """
     sd = hf_model.state_dict()
     moe_layers = [i for i in range(hf_config["num_hidden_layers"]) if f"model.layers.{i}.mlp.experts.gate_up_proj" in sd]
@@ -130,6 +135,11 @@ def naive_moe_state(hf_config: dict, hf_model: torch.nn.Module, padded_vocab: in
         hf, mc = f"model.layers.{i}.mlp.", f"decoder.layers.{i}.mlp."
         del out[mc + "linear_fc1.weight"], out[mc + "linear_fc2.weight"]
         out[mc + "router.weight"] = sd[hf + "gate.weight"]
+        if hf + "shared_expert.gate_proj.weight" in sd:  # qwen2_moe: one gated shared expert
+            shared = [sd[hf + f"shared_expert.{p}_proj.weight"] for p in ("gate", "up", "down")]
+            out[mc + "shared_experts.linear_fc1.weight"] = torch.cat(shared[:2])
+            out[mc + "shared_experts.linear_fc2.weight"] = shared[2]
+            out[mc + "shared_experts.gate_weight"] = sd[hf + "shared_expert_gate.weight"]
         for e, (fc1, fc2) in enumerate(zip(sd[hf + "experts.gate_up_proj"], sd[hf + "experts.down_proj"], strict=True)):
             out[f"{mc}experts.local_experts.{e}.linear_fc1.weight"] = fc1
             out[f"{mc}experts.local_experts.{e}.linear_fc2.weight"] = fc2

@@ -11,8 +11,8 @@ from mindspeed_models.architectures import ARCHITECTURES, GENERIC_IGNORED_KEYS, 
 
 
 def test_registry_lists_the_architectures():
-    assert sorted(ARCHITECTURES) == ["deepseek_v2", "deepseek_v3", "llama", "mixtral", "qwen2", "qwen3", "qwen3_moe"]
-    kinds = {"mixtral": "moe", "qwen3_moe": "moe", "deepseek_v2": "mla_moe", "deepseek_v3": "mla_moe"}
+    assert sorted(ARCHITECTURES) == ["deepseek_v2", "deepseek_v3", "llama", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"]
+    kinds = {"mixtral": "moe", "qwen2_moe": "moe", "qwen3_moe": "moe", "deepseek_v2": "mla_moe", "deepseek_v3": "mla_moe"}
     for name, arch in ARCHITECTURES.items():
         assert arch.model_type == name and arch.layer_kind == kinds.get(name, "dense")
         names = [k.name for k in arch.keys]
@@ -27,7 +27,7 @@ def test_registry_lists_the_architectures():
 
 def test_get_architecture_errors():
     assert get_architecture("qwen3") is ARCHITECTURES["qwen3"]
-    registered = "deepseek_v2, deepseek_v3, llama, mixtral, qwen2, qwen3, qwen3_moe"
+    registered = "deepseek_v2, deepseek_v3, llama, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe"
     with pytest.raises(ValueError, match=f"registered architectures: {registered}"):
         get_architecture("gpt2")
     with pytest.raises(KeyError):

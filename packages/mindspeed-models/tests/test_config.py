@@ -154,7 +154,7 @@ def test_reads_a_file_or_directory(tmp_path):
 
 
 def test_unknown_model_type_names_the_registered_ones():
-    registered = "deepseek_v2, deepseek_v3, llama, mixtral, qwen2, qwen3, qwen3_moe"
+    registered = "deepseek_v2, deepseek_v3, llama, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe"
     with pytest.raises(ValueError, match=rf"model_type='mistral' is not supported; registered architectures: {registered}"):
         from_hf_config(cfg("mistral"))
     with pytest.raises(ValueError, match="model_type=None"):
@@ -165,9 +165,9 @@ def test_unknown_model_type_names_the_registered_ones():
     ("model_type", "extra", "match"),
     [
         ("llama", {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
-        ("llama", {"attention_bias": True}, "attention_bias=True is not supported"),
+        ("llama", {"attention_bias": True}, "attention_bias=True and mlp_bias=False must be equal"),
         ("qwen3", {"attention_bias": True}, "attention_bias=True is not supported"),
-        ("llama", {"mlp_bias": True}, "mlp_bias=True is not supported"),
+        ("llama", {"mlp_bias": True}, "attention_bias=False and mlp_bias=True must be equal"),
         ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
         ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not implemented"),
         ("llama", {"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope type 'longrope' is not implemented"),

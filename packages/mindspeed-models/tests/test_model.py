@@ -41,6 +41,7 @@ def _compare(hf_config, hf_model, **overrides) -> float:
 
 CASES = {
     "llama": ("llama", {}),
+    "llama_attention_and_mlp_bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
     "llama_rope_llama3": (
         "llama",
         {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,

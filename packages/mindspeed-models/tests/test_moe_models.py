@@ -1,4 +1,4 @@
-"""MoE architectures (qwen3_moe, mixtral): logits of our GPTModel = transformers', and the config mapping.
+"""MoE architectures (qwen2_moe, qwen3_moe, mixtral): logits of our GPTModel = transformers', and the config mapping.
 
 Tiny random HF models: 2 layers, 8 experts, top-2, 4 query / 2 KV heads, hidden 64, vocab 256,
 fp32; a batch of two right-padded sequences (lengths 10, 6) compared at the valid positions.
@@ -22,14 +22,23 @@ from mindspeed_models.moe import GroupedSwiGLUExperts  # noqa: E402
 from mindspeed_models.pretrained import load_state  # noqa: E402
 
 QWEN3_MOE = dict(helpers.MOE_SIZES, moe_intermediate_size=48)
+QWEN2_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80)
 CASES = {
     "qwen3_moe": ("qwen3_moe", QWEN3_MOE, {}),
     "qwen3_moe_norm_topk_prob": ("qwen3_moe", dict(QWEN3_MOE, norm_topk_prob=True), {}),
     "qwen3_moe_dense_layer0_allgather": (
         "qwen3_moe", dict(QWEN3_MOE, mlp_only_layers=[0]), {"moe_token_dispatcher_type": "allgather"},
     ),
+    "qwen2_moe_gated_shared_expert": ("qwen2_moe", dict(QWEN2_MOE), {}),
+    "qwen2_moe_norm_topk_dense_layer1": ("qwen2_moe", dict(QWEN2_MOE, norm_topk_prob=True, mlp_only_layers=[1]), {}),
     "mixtral": ("mixtral", dict(helpers.MOE_SIZES), {}),
     "mixtral_grouped_gemm": ("mixtral", dict(helpers.MOE_SIZES), {"moe_grouped_gemm": True}),
+    "mixtral_kernel_permute_grouped_gemm": (
+        "mixtral", dict(helpers.MOE_SIZES), {"moe_grouped_gemm": True, "moe_permute_fusion": True},
+    ),
+    "qwen3_moe_kernel_permute_allgather": (
+        "qwen3_moe", QWEN3_MOE, {"moe_permute_fusion": True, "moe_token_dispatcher_type": "allgather"},
+    ),
 }  # fmt: skip
 
 
@@ -54,6 +63,18 @@ def test_logits_match_transformers(case):
     helpers.assert_logits_match(ours, helpers.hf_logits(hf_model, ids, mask), mask)
 
 
+def test_qwen2_moe_shared_expert_gate_maps():
+    """qwen2_moe: the shared expert and its sigmoid gate are megatron's gated SharedExpertMLP; qkv biases on."""
+    hf_config, _ = helpers.tiny_hf("qwen2_moe", **QWEN2_MOE)
+    config = mm.from_hf_config(hf_config).config
+    assert config.moe_shared_expert_intermediate_size == 80 and config.moe_shared_expert_gate
+    assert config.add_qkv_bias and config.moe_router_pre_softmax
+    with pytest.raises(ValueError, match="layer_types"):
+        mm.from_hf_config({**hf_config, "layer_types": ["sliding_attention", "full_attention"]})
+    with pytest.raises(ValueError, match="qkv_bias"):
+        mm.from_hf_config({**hf_config, "qkv_bias": False})
+
+
 def test_routing_is_exercised():
     """The qwen3_moe cases differ in routing (renormalised or not), and route to several experts."""
     ids, mask = helpers.batch(256)
@@ -73,10 +94,10 @@ def test_routing_is_exercised():
     assert routing_map.sum(-1).eq(2).all() and routing_map.any(0).sum() >= 4
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral"])
 def test_load_pretrained_logits_match_transformers(model_type, tmp_path):
     pytest.importorskip("mindspeed_ckpt.maps")
-    overrides = QWEN3_MOE if model_type == "qwen3_moe" else helpers.MOE_SIZES
+    overrides = {"qwen3_moe": QWEN3_MOE, "qwen2_moe": QWEN2_MOE}.get(model_type, helpers.MOE_SIZES)
     _, hf_model = helpers.tiny_hf(model_type, **overrides)
     hf_model.save_pretrained(tmp_path)
     loaded = mm.load_pretrained(tmp_path)

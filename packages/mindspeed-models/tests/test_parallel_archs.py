@@ -1,6 +1,7 @@
 """Every registered architecture under model parallelism equals the same model without it (gloo, 2 ranks).
 
-(a) TP=2 + sequence parallelism == TP=1; for MoE architectures also EP=2 == EP=1 and TP=2 x EP=2
+(a) TP=2 + sequence parallelism == TP=1; for MoE architectures also EP=2 (megatron's and the kernels'
+    token permutation) == EP=1 and TP=2 x EP=2
     (expert_tensor_parallel_size=1: experts whole, spread over the TP ranks) == TP=EP=1. Compared:
     logits [B, S, V], the mean LM loss and, after one backward pass through megatron's DDP and
     ``finalize_model_grads``, every parameter's gradient gathered to its full shape (routed
@@ -34,11 +35,13 @@ SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
              num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
 CONFIGS = {
     # head_dim 24 != hidden / heads = 16: attention sizes must come from kv_channels.
-    "llama": dict(head_dim=24),
+    "llama": dict(head_dim=24, attention_bias=True, mlp_bias=True),  # q/k/v/o and MLP biases
     "qwen2": dict(head_dim=24, tie_word_embeddings=True),  # qkv biases; tied embedding split over TP and PP stages
     "qwen3": dict(head_dim=24),  # per-head q/k norms
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48),  # softmax-over-all top-k
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),  # renormalised top-k
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+                      mlp_only_layers=[0]),  # qkv biases; dense layer 0; sigmoid-gated shared expert
     "deepseek_v3": dict(num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
                         v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
                         n_shared_experts=1, first_k_dense_replace=1, moe_intermediate_size=32, routed_scaling_factor=1.5,
@@ -194,8 +197,11 @@ def _ep_world(rank: int) -> None:
     install("cpu")
     for model_type in sorted(t for t in ARCHITECTURES if _is_moe(t)):
         # EP=2: different tokens per rank (they cross ranks to their experts); DP=2 averages the gradients
-        # of both, at EP=1 as at EP=2. Both token dispatchers; grouped-GEMM experts (their backward too).
-        ep2 = [dict(ep=2), dict(ep=2, moe_token_dispatcher_type="allgather"), dict(ep=2, moe_grouped_gemm=True)]
+        # of both, at EP=1 as at EP=2. Both token dispatchers, megatron's permutation and the kernels'
+        # (moe_permute_fusion); grouped-GEMM experts (their backward too).
+        ep2 = [dict(ep=2), dict(ep=2, moe_token_dispatcher_type="allgather"),
+               dict(ep=2, moe_grouped_gemm=True, moe_permute_fusion=True),
+               dict(ep=2, moe_token_dispatcher_type="allgather", moe_permute_fusion=True)]  # fmt: skip
         _check_against_reference(model_type, _tokens(5 + rank), *ep2)
         _check_against_reference(model_type, _tokens(5), dict(tp=2, ep=2, etp=1))
 

@@ -168,11 +168,11 @@ _LLAMA = Architecture(
         HFKey(
             "attention_bias",
             False,
-            "TransformerConfig.add_qkv_bias",
-            "true also adds an o_proj bias, which the dense spec does not build",
-            supported=(False,),
+            "TransformerConfig.add_bias_linear",
+            "q/k/v and o_proj biases; must equal mlp_bias (megatron's add_bias_linear covers o_proj and the MLP)",
+            supported=(False, True),
         ),
-        HFKey("mlp_bias", False, "-", "MLP biases are not implemented", supported=(False,)),
+        HFKey("mlp_bias", False, "TransformerConfig.add_bias_linear", "gate/up/down biases", supported=(False, True)),
         HFKey("pretraining_tp", 1, "-", "HF-only slicing of the same matmuls; no effect on the result"),
     ),
 )
@@ -277,6 +277,52 @@ _QWEN3_MOE = Architecture(
         ),
         HFKey("use_sliding_window", False, "-", "sliding windows are not implemented for MoE models", supported=(False,)),
         HFKey("sliding_window", 4096, "-", "read only when use_sliding_window is true (transformers sets it to None)"),
+    ),
+)
+
+_QWEN2_MOE = Architecture(
+    model_type="qwen2_moe",
+    hf_class="Qwen2MoeForCausalLM",
+    layer_kind="moe",
+    qkv_bias=True,
+    qk_norm=False,
+    keys=_with_defaults(_sizes(151936, 2048, 5632, 16, 16, 32768), num_hidden_layers=24)
+    + _common()
+    + _moe("num_experts", "num_local_experts", 60, 4)
+    + (
+        HFKey("head_dim", None, "TransformerConfig.kv_channels", derived="hidden_size // num_attention_heads"),
+        HFKey("qkv_bias", True, "TransformerConfig.add_qkv_bias", "q/k/v biases (no o_proj bias)", supported=(True,)),
+        HFKey(
+            "moe_intermediate_size",
+            1408,
+            "TransformerConfig.moe_ffn_hidden_size",
+            "per expert; intermediate_size is the dense layers'",
+        ),
+        HFKey(
+            "shared_expert_intermediate_size",
+            5632,
+            "TransformerConfig.moe_shared_expert_intermediate_size",
+            "one shared SwiGLU expert scaled by sigmoid(shared_expert_gate(x)) (moe_shared_expert_gate=True)",
+        ),
+        HFKey(
+            "norm_topk_prob",
+            False,
+            "TransformerConfig.moe_router_pre_softmax",
+            "as qwen3_moe: false keeps the softmax-over-all values of the top-k, true renormalises them",
+            supported=(False, True),
+        ),
+        HFKey("decoder_sparse_step", 1, "TransformerConfig.moe_layer_freq", "layer i is MoE when (i + 1) % step == 0"),
+        HFKey("mlp_only_layers", [], "TransformerConfig.moe_layer_freq", "indices of dense (intermediate_size) layers"),
+        HFKey("use_sliding_window", False, "-", "sliding windows are not implemented for MoE models", supported=(False,)),
+        HFKey("sliding_window", 4096, "-", "read only when use_sliding_window is true"),
+        HFKey("max_window_layers", 28, "-", "read only when use_sliding_window is true"),
+        HFKey(
+            "layer_types",
+            None,
+            "-",
+            "written by transformers; every entry must be full_attention",
+            derived="use_sliding_window and max_window_layers",
+        ),
     ),
 )
 
@@ -473,7 +519,7 @@ _DEEPSEEK_V3 = Architecture(
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.model_type: a for a in (_LLAMA, _QWEN2, _QWEN3, _QWEN3_MOE, _MIXTRAL, _DEEPSEEK_V2, _DEEPSEEK_V3)
+    a.model_type: a for a in (_LLAMA, _QWEN2, _QWEN3, _QWEN2_MOE, _QWEN3_MOE, _MIXTRAL, _DEEPSEEK_V2, _DEEPSEEK_V3)
 }
 """Every supported ``model_type``; the only place an architecture is registered."""
 

@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 
 from mindspeed_kernels import accelerator
 from mindspeed_kernels.rope import RopeScaling
-from mindspeed_models import architectures
+from mindspeed_models import architectures, moe_permute
 from mindspeed_models.architectures import Architecture
 from mindspeed_models.mla import mla_config_fields
 from mindspeed_models.moe import DeepSeekRouting
@@ -165,6 +165,8 @@ def from_hf_config(config: Mapping | str | os.PathLike, **overrides) -> ModelSpe
     tc_kwargs.update(_check_overrides(overrides))
     if arch.layer_kind in ("moe", "mla_moe"):
         _check_moe_overrides(tc_kwargs)
+        if tc_kwargs.get("moe_permute_fusion"):
+            moe_permute.install()  # before TransformerConfig, which checks that the fused hooks exist
     if mla:
         hf = _check_deepseek_overrides(tc_kwargs, hf, options["deepseek_routing"])
     tconfig = (MLATransformerConfig if mla else TransformerConfig)(**tc_kwargs)
@@ -262,9 +264,23 @@ def _number(name: str, value) -> None:
         raise ValueError(f"config.json: {name}={value!r} must be a finite number >= 0")
 
 
+def _linear_bias(v: dict[str, Any]) -> bool:
+    """Llama's attention_bias + mlp_bias -> megatron add_bias_linear (one switch for o_proj and the MLP)."""
+    if "mlp_bias" not in v:
+        return False
+    attention, mlp = v.get("attention_bias", False), v["mlp_bias"]
+    if attention != mlp:
+        raise ValueError(
+            f"config.json: attention_bias={attention} and mlp_bias={mlp} must be equal: megatron's add_bias_linear "
+            "builds the o_proj and MLP biases together"
+        )
+    return bool(mlp)
+
+
 def _transformer_kwargs(arch: Architecture, v: dict[str, Any]) -> dict[str, Any]:
     # Only the dense families read the per-layer window keys; MoE ones accept no window (checked).
     window_size, skip_freq = _window(v) if "max_window_layers" in v else (None, None)
+    linear_bias = _linear_bias(v)
     return dict(
         num_layers=v["num_hidden_layers"],
         hidden_size=v["hidden_size"],
@@ -281,8 +297,8 @@ def _transformer_kwargs(arch: Architecture, v: dict[str, Any]) -> dict[str, Any]
         # under this flag; megatron named it for TransformerEngine but the code path is generic.
         use_te_activation_func=True,
         bias_activation_fusion=False,
-        add_bias_linear=False,
-        add_qkv_bias=arch.qkv_bias,
+        add_bias_linear=linear_bias,
+        add_qkv_bias=arch.qkv_bias or linear_bias,
         qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=float(v["attention_dropout"]),
@@ -313,6 +329,12 @@ def _moe_kwargs(arch: Architecture, hf: dict, v: dict[str, Any]) -> dict[str, An
     if not isinstance(renormalise, bool):
         raise ValueError(f"config.json: norm_topk_prob={renormalise!r} must be true or false")
     _number("router_aux_loss_coef", v["router_aux_loss_coef"])
+    layer_types = v.get("layer_types")
+    if layer_types is not None and set(layer_types) - {"full_attention"}:
+        raise ValueError(f"config.json: layer_types={layer_types!r}: sliding windows are not implemented for MoE models")
+    shared = v.get("shared_expert_intermediate_size") or 0
+    if shared:
+        _positive_int("shared_expert_intermediate_size", shared)
     return dict(
         num_moe_experts=experts,
         moe_router_topk=topk,
@@ -327,6 +349,9 @@ def _moe_kwargs(arch: Architecture, hf: dict, v: dict[str, Any]) -> dict[str, An
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=float(v["router_aux_loss_coef"]),
         moe_token_dispatcher_type="alltoall",
+        # Qwen2-MoE: one shared expert, its output scaled by sigmoid(x . gate_weight) (HF shared_expert_gate).
+        moe_shared_expert_intermediate_size=shared or None,
+        moe_shared_expert_gate=bool(shared),
         # False: megatron's SequentialMLP; True: mindspeed_models.moe.GroupedSwiGLUExperts (grouped
         # GEMM). Both hold local_experts.{e}.linear_fc1/linear_fc2, the names of mindspeed_ckpt.maps.
         moe_grouped_gemm=False,

@@ -80,13 +80,14 @@ def moe_layer_spec(config: TransformerConfig, *, qk_norm: bool, router: Any = No
     ``config.moe_grouped_gemm`` swaps the experts' forward for one grouped GEMM per projection
     (:class:`~mindspeed_models.moe.GroupedSwiGLUExperts`, same parameters and names).
     ``config.moe_shared_expert_intermediate_size`` adds megatron's ungated ``SharedExpertMLP``
-    (``mlp.shared_experts.linear_fc1``/``linear_fc2``, SwiGLU) whose output is added to the experts'.
+    (``mlp.shared_experts.linear_fc1``/``linear_fc2``, SwiGLU) whose output is added to the experts';
+    ``config.moe_shared_expert_gate`` scales it by ``sigmoid(x . mlp.shared_experts.gate_weight)`` (Qwen2-MoE).
     ``router``: a builder ``(config=, pg_collection=)`` of the router (None: megatron's ``TopKRouter``).
     """
     experts = GroupedSwiGLUExperts if config.moe_grouped_gemm else SequentialMLP
     shared = None
     if config.moe_shared_expert_intermediate_size:
-        shared = ModuleSpec(module=SharedExpertMLP, submodules=_swiglu_mlp())  # gate: config.moe_shared_expert_gate (False)
+        shared = ModuleSpec(module=SharedExpertMLP, submodules=_swiglu_mlp())
     extra = {} if router is None else {"router": router}
     submodules = MoESubmodules(experts=ModuleSpec(module=experts, submodules=_swiglu_mlp()), shared_experts=shared, **extra)
     mlp = ModuleSpec(module=MoELayer, submodules=submodules, metainfo={"fuse_pre_mlp_layernorm": False})

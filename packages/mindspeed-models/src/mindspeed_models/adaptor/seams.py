@@ -124,6 +124,8 @@ SEAMS: tuple[Seam, ...] = (
     _device("transformer.utils", "get_default_causal_mask", (35,), "the causal mask of the local (non-TE) attention"),
     _device("transformer.utils", "get_sliding_window_causal_mask", (40,), "sliding-window attention mask"),
     _device("pipeline_parallel.schedules", "forward_backward_no_pipelining", (596,), "token counter of PP=1"),
+    _device("transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher.__init__", (404,),
+            "with moe_permute_fusion the alltoall dispatcher keeps its chunk-sort indices on torch.device('cuda')"),
     _device("pipeline_parallel.schedules", "forward_backward_pipelining_with_interleaving", (983,), "token counter of VPP"),
     _device("pipeline_parallel.schedules", "forward_backward_pipelining_without_interleaving", (2138,),
             "token counter of 1F1B"),
