@@ -1,6 +1,7 @@
 """Sessions: tests (everything, one environment), isolated (one fresh venv per package),
 lint (ruff), checks (versions, layering, generated docs), demo (the main end-to-end job),
-bench (kernel benchmarks; not in the default set: minutes and ~16 GiB at full size).
+bench (kernel and checkpoint-conversion benchmarks; not in the default set: minutes, ~16 GiB of
+memory and ~9 GiB of disk at full size).
 
 torch and megatron-core are pinned by constraints.txt. Sibling packages are always installed
 from this tree, all paths in one pip call, so pip never takes a same-named package from an index.
@@ -69,9 +70,15 @@ def checks(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Kernel benchmarks: ours vs naive formulas, time and peak-memory ratios (not run by default)."""
-    _pip(session, str(ROOT / "packages" / "mindspeed-kernels"))
-    session.run("python", "tools/bench/kernels.py", *session.posargs)
+    """Benchmarks (not run by default): kernels (ours vs naive formulas, time and peak-memory
+    ratios) and ckpt (checkpoint conversion vs ``cp``, throughput and peak RSS). ``-- kernels ARGS``
+    or ``-- ckpt ARGS`` runs one of them with its own arguments; no arguments runs both."""
+    scripts = {"kernels": "tools/bench/kernels.py", "ckpt": "tools/bench/ckpt.py"}
+    _pip(session, str(ROOT / "packages" / "mindspeed-kernels"), str(ROOT / "packages" / "mindspeed-ckpt"))
+    which, args = (session.posargs[0], session.posargs[1:]) if session.posargs[:1] and session.posargs[0] in scripts \
+        else (None, session.posargs)
+    for name in [which] if which else scripts:
+        session.run("python", scripts[name], *args)
 
 
 @nox.session(python=PYTHON)

@@ -7,7 +7,22 @@ reports it as not implemented yet, naming the package that will own it.
 from __future__ import annotations
 
 IMPLEMENTED_BY: dict[str, frozenset[str]] = {
-    # Issue #2 lands the schema and validator only: no training feature is implemented yet.
+    # Issue #6, data part: `mindspeed preprocess` (mindspeed_train.data) implements these. The
+    # preprocessing-only flags (--input, --output-prefix, --json-keys, --handler-name, --map-keys,
+    # --append-eod) are not schema parameters.
+    "mindspeed-train": frozenset({
+        "tokenizer_name_or_path",
+        "tokenizer_padding_side",
+        "tokenizer_not_use_fast",
+        "prompt_type",
+        "hf_chat_template",
+        "no_cut_token",
+        "pack",
+        "neat_pack",
+        "train_on_prompt",
+        "mask_history",
+        "workers",
+    }),
 }
 
 

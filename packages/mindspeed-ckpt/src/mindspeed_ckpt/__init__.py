@@ -4,7 +4,11 @@
 - ``mindspeed_ckpt.convert``: ``hf_to_mcore`` / ``mcore_to_hf`` between HF safetensors directories and
   Megatron legacy checkpoints (TP/PP/VPP/EP, uneven PP), streaming, written atomically; ``mindspeed convert`` (``cli``).
 - ``read_mcore(dir) -> McoreCheckpoint``: stream a legacy checkpoint as full (TP1 PP1 EP1) megatron tensors.
-  Still to come (issue #5): torch_dist, ETP > 1, reshard, verify, LoRA merge.
+- ``mindspeed_ckpt.torch_dist``: ``--format torch_dist`` via megatron-core's dist_checkpointing (needs mindspeed-models).
+- ``mindspeed_ckpt.verify``: ``mindspeed convert verify``, transformers vs megatron-core logits (needs both, lazily).
+- ``mindspeed_ckpt.reshard``: ``mindspeed convert reshard``, legacy -> legacy in any other TP/PP/VPP/EP layout, streaming.
+- ``mindspeed_ckpt.lora``: LoRA adapters (HF PEFT or Megatron layout) merged into the base on ``mcore-to-hf``.
+  Still to come (issue #5): ETP > 1.
 """
 
 from mindspeed_ckpt._version import __version__

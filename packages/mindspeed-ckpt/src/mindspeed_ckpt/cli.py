@@ -5,9 +5,14 @@
     mindspeed convert hf-to-mcore --hf-dir D --out M --tp T --pp P [--ep E] [--etp 1] [--vpp V]
                                   [--num-layer-list 1,3 | --decoder-first/last-pipeline-num-layers N]
                                   [--dtype fp32|bf16|fp16] [--make-vocab-size-divisible-by N] [--overwrite] [--progress]
+                                  [--format legacy|torch_dist]   (torch_dist: no layout flags, reshardable at load)
     mindspeed convert mcore-to-hf --mcore-dir M --out D2 [--hf-config D] [--overwrite] [--progress]
+                                  [--lora-dir L [--lora-alpha A] [--lora-rank R]]
+    mindspeed convert reshard     --mcore-dir M --out M2 --tp T --pp P [--ep E] [--vpp V] [--num-layer-list ...]
+                                  [--dtype ...] [--hf-config D] [--overwrite] [--progress]
+    mindspeed convert verify      --hf-dir D --mcore-dir M [--seq-len 32 --batch 2 --seed 0 --atol 1e-4]
 
-Exit codes: 0 success, 2 bad usage or bad input (one line on stderr, no traceback).
+Exit codes: 0 success, 1 verify found a mismatch, 2 bad usage or bad input (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mindspeed_ckpt import torch_dist, verify
 from mindspeed_ckpt.convert import DTYPES, hf_to_mcore, mcore_to_hf
 from mindspeed_ckpt.hf_io import DEFAULT_SHARD_BYTES
 
@@ -34,15 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("hf-to-mcore", help="HF safetensors directory -> Megatron legacy checkpoint")
     h.add_argument("--hf-dir", required=True, help="directory with config.json and model*.safetensors")
     h.add_argument("--out", required=True, help="Megatron checkpoint directory to create")
-    h.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    h.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    h.add_argument("--ep", type=int, default=1, help="expert-parallel size; must divide the routed experts (default 1)")
-    h.add_argument("--etp", type=int, default=1, choices=[1], help="expert tensor-parallel size (only 1: experts stay whole)")
-    h.add_argument("--vpp", type=int, default=1, help="virtual pipeline chunks per stage (model0..; default 1)")
-    h.add_argument("--num-layer-list", help="decoder layers per PP stage, comma-separated (e.g. 1,3)")
-    h.add_argument("--decoder-first-pipeline-num-layers", type=int, help="layers on the first PP stage (megatron's flag)")
-    h.add_argument("--decoder-last-pipeline-num-layers", type=int, help="layers on the last PP stage (megatron's flag)")
+    _add_layout_args(h)
     h.add_argument("--dtype", choices=sorted(DTYPES), help="cast every tensor (default: keep the HF dtype)")
+    h.add_argument("--format", choices=["legacy", "torch_dist"], default="legacy",
+                   help="legacy mp_rank_* files (default) or torch_dist (megatron dist_checkpointing; needs mindspeed-models)")
     h.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of N * TP, as megatron does (default 128)")
     h.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -55,11 +56,59 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest safetensors shard in MiB (default 5120)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     m.add_argument("--progress", action="store_true", default=None, help="progress line on stderr (default: when a tty)")
+    m.add_argument("--lora-dir", help="LoRA adapter to merge: an HF PEFT adapter dir or a Megatron checkpoint of adapters")
+    m.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: from the adapter's config or saved args)")
+    m.add_argument("--lora-rank", type=int, help="LoRA rank r (default: from the adapter's config or tensor shapes)")
+    _add_reshard_parser(sub)
+    verify.add_parser(sub)
     return ap
+
+
+def _add_layout_args(p: argparse.ArgumentParser) -> None:
+    """The output layout flags shared by hf-to-mcore and reshard."""
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size; must divide the routed experts (default 1)")
+    p.add_argument("--etp", type=int, default=1, choices=[1], help="expert tensor-parallel size (only 1: experts stay whole)")
+    p.add_argument("--vpp", type=int, default=1, help="virtual pipeline chunks per stage (model0..; default 1)")
+    p.add_argument("--num-layer-list", help="decoder layers per PP stage, comma-separated (e.g. 1,3)")
+    p.add_argument("--decoder-first-pipeline-num-layers", type=int, help="layers on the first PP stage (megatron's flag)")
+    p.add_argument("--decoder-last-pipeline-num-layers", type=int, help="layers on the last PP stage (megatron's flag)")
+
+
+def _add_reshard_parser(sub) -> None:
+    r = sub.add_parser("reshard", help="Megatron legacy checkpoint -> Megatron legacy checkpoint with another TP/PP/VPP/EP")
+    r.add_argument("--mcore-dir", required=True, help="input directory with latest_checkpointed_iteration.txt")
+    r.add_argument("--out", required=True, help="Megatron checkpoint directory to create")
+    r.add_argument("--hf-config", help="directory with config.json (default: MCORE_DIR/hf_config)")
+    _add_layout_args(r)
+    r.add_argument("--dtype", choices=sorted(DTYPES), help="cast every tensor (default: keep the input dtype)")
+    r.add_argument("--make-vocab-size-divisible-by", type=int,
+                   help="pad the vocabulary to a multiple of N * TP (default: the input's saved value, else 128)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    r.add_argument("--progress", action="store_true", default=None, help="progress line on stderr (default: when a tty)")
+
+
+def _run_reshard(args: argparse.Namespace) -> int:
+    from mindspeed_ckpt.reshard import reshard
+
+    out = reshard(args.mcore_dir, args.out, tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp,
+                  num_layer_list=args.num_layer_list, decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+                  decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers, dtype=args.dtype,
+                  make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, hf_config=args.hf_config,
+                  overwrite=args.overwrite, progress=args.progress)
+    print(f"wrote Megatron checkpoint (TP={args.tp}, PP={args.pp}, VPP={args.vpp}, EP={args.ep}) to {out}")
+    return 0
 
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "reshard":
+        return _run_reshard(args)
+    if args.command == "verify":
+        return verify.run_cli(args)
+    if args.command == "hf-to-mcore" and args.format == "torch_dist":
+        return torch_dist.run_cli(args)
     if args.command == "hf-to-mcore":
         out = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp,
                           num_layer_list=args.num_layer_list,
@@ -72,6 +121,7 @@ def run(argv: list[str]) -> int:
     if args.max_shard_size_mb < 1:
         raise UsageError(f"mindspeed convert mcore-to-hf: --max-shard-size-mb must be >= 1; got {args.max_shard_size_mb}")
     out = mcore_to_hf(args.mcore_dir, args.out, hf_config=args.hf_config, overwrite=args.overwrite,
+                      lora_dir=args.lora_dir, lora_alpha=args.lora_alpha, lora_rank=args.lora_rank,
                       max_shard_bytes=args.max_shard_size_mb * 2**20, progress=args.progress)
     print(f"wrote Hugging Face checkpoint to {out}")
     return 0
@@ -83,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
-    except (UsageError, ValueError, TypeError, NotImplementedError, OSError) as exc:
+    except (UsageError, ValueError, TypeError, NotImplementedError, OSError, ImportError) as exc:
         message = " ".join(str(exc).split())  # one line whatever the message holds
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -1,11 +1,12 @@
 """Streaming conversion between HF safetensors directories and Megatron legacy checkpoints.
 
-``hf_to_mcore`` writes one rank file at a time: for each (PP stage, EP rank, TP rank) it walks
-the rules placed there (all VPP chunks of the stage, that EP rank's experts), pulls the HF
-tensors lazily, builds each full megatron tensor and keeps only the rank's shard, so memory
-holds one rank file plus one full tensor. ``mcore_to_hf`` streams the full tensors of
-:func:`mindspeed_ckpt.reader.read_mcore` (one stage's rank files memory-mapped at a time) into
-size-bounded HF shards. Both write into a temporary sibling of ``out`` and rename it into
+``hf_to_mcore`` writes the TP rank files of one (PP stage, EP rank) together: it walks the
+rules placed there (all VPP chunks of the stage, that EP rank's experts), pulls the HF tensors
+lazily (memory-mapped, pages dropped once used), builds each full megatron tensor and appends
+each TP shard of it to its file at once, so memory holds about one full tensor, never a rank
+file. ``mcore_to_hf`` streams the full tensors of :func:`mindspeed_ckpt.reader.read_mcore` (one
+stage's rank files memory-mapped at a time) straight into size-bounded HF shards laid out in
+advance (:func:`hf_plan`). Both write into a temporary sibling of ``out`` and rename it into
 place at the end, so a failed run leaves nothing half-written.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from math import prod
 from pathlib import Path
@@ -23,14 +24,20 @@ import torch
 
 from mindspeed_ckpt import maps
 from mindspeed_ckpt.hf_io import CONFIG, DEFAULT_SHARD_BYTES, HFReader, HFWriter, copy_side_files
+from mindspeed_ckpt.lora import open_lora
 from mindspeed_ckpt.maps.config import model_type
 from mindspeed_ckpt.mcore_args import ITERATION, megatron_args
-from mindspeed_ckpt.megatron_io import args_get, save_rank, write_tracker
+from mindspeed_ckpt.megatron_io import RankWriter, args_get, write_tracker
+from mindspeed_ckpt.memory import bound_heap
+from mindspeed_ckpt.pipeline import WriteBehind
 from mindspeed_ckpt.placement import Grid, Slot, stage_layer_counts
 from mindspeed_ckpt.progress import Progress
 from mindspeed_ckpt.reader import HF_CONFIG_DIR, read_mcore
-from mindspeed_ckpt.sharding import check_tp, padded_vocab_size, split_tp, tp_dim
+from mindspeed_ckpt.sharding import GATE_UP, check_tp, padded_vocab_size, split_tp, tp_dim
 
+# Pending background writes (0: write inline). 1 overlaps writes with reads on two cores, but showed no
+# measurable gain on the 2-core machine of the README table, so it is opt-in.
+WRITE_BEHIND = int(os.environ.get("MINDSPEED_CKPT_WRITE_BEHIND", "0"))
 DTYPES: Mapping[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -123,20 +130,42 @@ def _shard_bytes(rule: maps.Rule, slot: Slot, tp: int, itemsize: int) -> int:
     return n // tp if tp_dim(slot.local) is not None else n
 
 
-def _write_stage(tmp: Path, stage: int, items: list[tuple[maps.Rule, Slot]], reader: HFReader, *, tp: int, grid: Grid,
-                 cast: torch.dtype | None, args, prog: Progress) -> None:
+def _shard(local: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """``split_tp`` without its copy where the shard is the full tensor or a block of whole
+    rows: the rank writers store only a view's own bytes, so a view is enough there."""
+    dim = tp_dim(local)
+    if tp == 1 or dim is None:
+        return full
+    rows = full.shape[0] // tp
+    if dim == 0 and not local.endswith(GATE_UP) and rows * tp == full.shape[0] and full.is_contiguous():
+        return full.narrow(0, rank * rows, rows)
+    return split_tp(local, full, tp, rank)  # a copy (or its error for a size TP does not divide)
+
+
+def write_stage(tmp: Path, stage: int, items: list[tuple[maps.Rule, Slot]], source: Callable[[maps.Rule], torch.Tensor], *,
+                tp: int, grid: Grid, cast: torch.dtype | None, args, prog: Progress) -> None:
+    """Write every (EP rank, TP rank) file of pipeline stage ``stage``: per EP rank, its TP
+    files are open together and each full tensor is split and streamed into all of them at
+    once (:class:`~mindspeed_ckpt.megatron_io.RankWriter`), so memory holds one full tensor and
+    one shard, never a rank file. ``source(rule)`` returns the full (TP1) megatron tensor of
+    ``rule`` (built from HF tensors by hf_to_mcore, read from another megatron checkpoint by
+    reshard); it is called once per rule and EP rank."""
+    def write(writers: list[RankWriter], slot: Slot, full: torch.Tensor) -> None:
+        for t, w in enumerate(writers):
+            shard = _shard(slot.local, full, tp, t)
+            w.add(slot.chunk, slot.local, shard)
+            prog.update(shard.numel() * shard.element_size())
+
     for e in range(grid.ep):
         mine = [(r, s) for r, s in items if s.ep_rank in (None, e)]
-        for t in range(tp):
-            models: list[dict[str, torch.Tensor]] = [{} for _ in range(grid.vpp)]
+        writers = [RankWriter(tmp, ITERATION, t, stage, grid.pp, ep_rank=e, ep=grid.ep, vpp=grid.vpp) for t in range(tp)]
+        with WriteBehind(WRITE_BEHIND) as behind:  # writes tensor n while tensor n + 1 is read and built
             for rule, slot in mine:
-                _, full = maps.apply_hf_to_mcore(rule, reader.get)
-                shard = split_tp(slot.local, full if cast is None else full.to(cast), tp, t)
-                models[slot.chunk][slot.local] = shard
-                prog.update(shard.numel() * shard.element_size())
+                full = source(rule)
+                behind.submit(write, writers, slot, full if cast is None else full.to(cast))
                 del full
-            save_rank(tmp, ITERATION, t, stage, grid.pp, models if grid.vpp > 1 else models[0], args, ep_rank=e, ep=grid.ep)
-            del models
+        for w in writers:
+            w.close(args)
 
 
 def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1, ep: int = 1, vpp: int = 1,
@@ -153,7 +182,8 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 
     the HF dtype). progress: stderr progress line (None: when stderr is a terminal).
     Raises ValueError for bad input (one line, naming the flag or file and the fix).
     """
-    reader = HFReader(hf_dir)
+    bound_heap()  # peak memory follows the live tensors (see mindspeed_ckpt.memory)
+    reader = HFReader(hf_dir, mapped=True)  # zero-copy reads; pages dropped after each tensor (source below)
     cfg = reader.config
     lay = maps.layout(cfg)
     if ("proj_bias" in lay.features) != ("mlp_bias" in lay.features):
@@ -168,8 +198,9 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 
     rule_list = maps.rules(cfg, padded_vocab_size=padded)
     _check_hf_names(reader, rule_list)
     _check_aliases(reader, rule_list)
+    reader.release()
     cast = DTYPES[dtype] if dtype is not None else None
-    out_dtype = cast or reader.get(rule_list[0].hf[0]).dtype
+    out_dtype = cast or reader.spec(rule_list[0].hf[0])[0]
     args = megatron_args(cfg, lay, tp=tp, grid=grid, padded=padded, dtype=out_dtype, divisible_by=make_vocab_size_divisible_by,
                          first=first, last=last, layer_list=layers)
     plan = placements(rule_list, grid)
@@ -177,22 +208,51 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 
     itemsize = out_dtype.itemsize
     prog = Progress("hf-to-mcore", tp * sum(map(len, per_file)),
                     tp * sum(_shard_bytes(r, s, tp, itemsize) for f in per_file for r, s in f), enabled=progress)
+
+    def source(rule: maps.Rule) -> torch.Tensor:
+        reader.release()  # the previous tensor is written: drop the mapped pages it touched
+        return maps.apply_hf_to_mcore(rule, reader.get)[1]
+
     with staging(Path(out), overwrite) as tmp:
         for stage, items in enumerate(plan):
-            _write_stage(tmp, stage, items, reader, tp=tp, grid=grid, cast=cast, args=args, prog=prog)
+            write_stage(tmp, stage, items, source, tp=tp, grid=grid, cast=cast, args=args, prog=prog)
         write_tracker(tmp, ITERATION)
         copy_side_files(reader.dir, tmp / HF_CONFIG_DIR)
     prog.close()
     return Path(out)
 
 
+def hf_plan(ck, owners: Mapping[str, maps.Rule], copies: Mapping[str, list[maps.Rule]]) -> list[tuple[str, torch.dtype, tuple]]:
+    """(HF name, dtype, shape) of every HF tensor mcore_to_hf writes, in the order it writes them
+    (from the rank files' indexes: no tensor data is read), so HFWriter can stream each to disk."""
+    plan = []
+    for name, dtype in ck.dtypes():
+        for rule in (owners[name], *copies.get(name, ())) if name in owners else ():
+            plan += [(h, dtype, tuple(shape)) for h, shape in zip(rule.hf, rule.hf_shapes, strict=True)]
+    return plan
+
+
 def mcore_to_hf(mcore_dir: str | os.PathLike, out: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
-                overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None) -> Path:
+                overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool | None = None,
+                lora_dir: str | os.PathLike | None = None, lora_alpha: float | None = None,
+                lora_rank: int | None = None) -> Path:
     """Convert a Megatron legacy checkpoint (any TP x PP x VPP x EP, layer split read from its
     args) into an HF directory at ``out``: the config and tokenizer files of ``hf_config``
     (default ``mcore_dir/hf_config``) plus safetensors shards of at most ``max_shard_bytes``
-    (with an index when more than one)."""
+    (with an index when more than one). LoRA adapters (HF PEFT or Megatron layout in
+    ``lora_dir``, or Megatron ones inside the rank files) are merged into the base weights;
+    ``lora_alpha`` / ``lora_rank`` override what the adapter says (:mod:`mindspeed_ckpt.lora`).
+    A torch_dist checkpoint goes to :func:`mindspeed_ckpt.torch_dist.torch_dist_to_hf`."""
+    from mindspeed_ckpt import torch_dist  # imports this module: import it late
+
+    if torch_dist.is_torch_dist(mcore_dir):
+        if lora_dir is not None:
+            raise NotImplementedError("--lora-dir with a torch_dist checkpoint: reshard it to legacy first")
+        return torch_dist.torch_dist_to_hf(mcore_dir, out, hf_config=hf_config, overwrite=overwrite,
+                                           max_shard_bytes=max_shard_bytes, progress=progress)
+    bound_heap()  # peak memory follows the live tensors (see mindspeed_ckpt.memory)
     ck = read_mcore(mcore_dir, hf_config)
+    lora = open_lora(ck, lora_dir, alpha=lora_alpha, rank=lora_rank)  # Megatron adapters hook into ck's reader
     rule_list = maps.rules(ck.hf_config, padded_vocab_size=ck.padded_vocab_size)
     owners = {r.mcore: r for r in rule_list if not r.alias}
     copies: dict[str, list[maps.Rule]] = {}
@@ -205,20 +265,23 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out: str | os.PathLike, *, hf_conf
                     enabled=progress)
     seen: set[str] = set()
     with staging(Path(out), overwrite) as tmp:
-        writer = HFWriter(tmp, max_shard_bytes)
-        for name, full in ck.tensors():
-            if name not in owners or name in seen:
-                raise ValueError(f"{ck.legacy.step_dir}: unexpected tensor {name!r} (global name) for model_type "
-                                 f"{model_type(ck.hf_config)!r} and this config.json; pass the matching --hf-config")
-            seen.add(name)
-            for rule in (owners[name], *copies.get(name, ())):
-                for hf_name, t in maps.apply_mcore_to_hf(rule, {name: full}.__getitem__):
-                    writer.add(hf_name, t)
-            prog.update(full.numel() * full.element_size())
+        writer = HFWriter(tmp, max_shard_bytes, plan=hf_plan(ck, owners, copies))
+        with WriteBehind(WRITE_BEHIND) as behind:  # writes tensor n while tensor n + 1 is merged
+            for name, full in ck.tensors():
+                if name not in owners or name in seen:
+                    raise ValueError(f"{ck.legacy.step_dir}: unexpected tensor {name!r} (global name) for model_type "
+                                     f"{model_type(ck.hf_config)!r} and this config.json; pass the matching --hf-config")
+                seen.add(name)
+                for rule in (owners[name], *copies.get(name, ())):
+                    for hf_name, t in maps.apply_mcore_to_hf(rule, {name: full}.__getitem__):
+                        behind.submit(writer.add, hf_name, t if lora is None else lora.merge_hf(hf_name, t))
+                prog.update(full.numel() * full.element_size())
         missing = [n for n in owners if n not in seen]
         if missing:
             raise ValueError(f"{ck.legacy.step_dir}: missing tensor {missing[0]!r} ({len(missing)} missing in all) for "
                              f"this config.json with TP={ck.tp} PP={ck.pp} VPP={ck.vpp} EP={ck.ep}")
+        if lora is not None:
+            lora.finish()
         writer.close()
         copy_side_files(ck.config_dir, tmp)
     prog.close()

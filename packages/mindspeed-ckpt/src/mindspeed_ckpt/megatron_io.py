@@ -7,7 +7,8 @@
     M/iter_0000001/mp_rank_TT_PPP/model_optim_rng.pt      (PP > 1)
     M/iter_0000001/mp_rank_TT[_PPP]_EEE/model_optim_rng.pt (EP > 1: EP rank appended)
 
-Each file is ``torch.save`` of ``{"model": state_dict, "checkpoint_version": 3.0,
+Each file is (in ``torch.save``'s format, written tensor by tensor by :class:`RankWriter`)
+``{"model": state_dict, "checkpoint_version": 3.0,
 "iteration": N, "args": argparse.Namespace}``, the keys megatron's ``load_checkpoint`` reads;
 with virtual pipeline stages (VPP) it holds ``model0``, ``model1``, ... (one per model chunk)
 instead of ``model``. ``mp_rank_TT_NNN`` is a PP rank or, when PP = 1 and EP > 1, an EP rank:
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mindspeed_ckpt.torch_zip import TensorRef, TorchZipWriter
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
@@ -46,18 +49,45 @@ def model_keys(vpp: int) -> list[str]:
     return ["model"] if vpp == 1 else [f"model{c}" for c in range(vpp)]
 
 
+class RankWriter:
+    """Streams one rank file: :meth:`add` writes a tensor's bytes at once (the caller may free
+    it), :meth:`close` writes the ``{"model"..., "checkpoint_version", "iteration", "args"}``
+    pickle, so memory never holds the whole state dict (see :mod:`mindspeed_ckpt.torch_zip`).
+    ``vpp`` > 1 gives the keys ``model0..model{vpp-1}``; ``add`` takes the chunk index."""
+
+    def __init__(self, root: Path, iteration: int | str, tp_rank: int, pp_rank: int, pp: int, *,
+                 ep_rank: int = 0, ep: int = 1, vpp: int = 1):
+        d = root / iteration_dir(iteration) / rank_dir(tp_rank, pp_rank, pp, ep_rank, ep)
+        d.mkdir(parents=True, exist_ok=True)
+        self.path = d / FILE
+        self.iteration = iteration
+        self._zip = TorchZipWriter(self.path)
+        self._models: list[dict[str, TensorRef]] = [{} for _ in range(vpp)]
+
+    def add(self, chunk: int, name: str, tensor: torch.Tensor) -> None:
+        """Write tensor ``name`` of model chunk ``chunk`` (0 without VPP)."""
+        if name in self._models[chunk]:
+            raise ValueError(f"{self.path}: tensor {name!r} written twice")
+        self._models[chunk][name] = self._zip.add(tensor)
+
+    def close(self, args: argparse.Namespace) -> Path:
+        """Finish the file with the saved ``args``; returns its path."""
+        ckpt: dict[str, Any] = dict(zip(model_keys(len(self._models)), self._models, strict=True))
+        ckpt.update(checkpoint_version=CHECKPOINT_VERSION, iteration=self.iteration, args=args)
+        self._zip.close(ckpt)
+        return self.path
+
+
 def save_rank(root: Path, iteration: int, tp_rank: int, pp_rank: int, pp: int,
               model: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]], args: argparse.Namespace, *,
               ep_rank: int = 0, ep: int = 1) -> Path:
     """Write one rank file (``model`` a state dict, or one per VPP chunk); returns its path."""
-    d = root / iteration_dir(iteration) / rank_dir(tp_rank, pp_rank, pp, ep_rank, ep)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / FILE
-    chunks = model if isinstance(model, list) else [model]
-    ckpt: dict[str, Any] = dict(zip(model_keys(len(chunks)), chunks, strict=True))
-    ckpt.update(checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, args=args)
-    torch.save(ckpt, path)
-    return path
+    chunks_ = model if isinstance(model, list) else [model]
+    w = RankWriter(root, iteration, tp_rank, pp_rank, pp, ep_rank=ep_rank, ep=ep, vpp=len(chunks_))
+    for c, sd in enumerate(chunks_):
+        for name, t in sd.items():
+            w.add(c, name, t)
+    return w.close(args)
 
 
 def write_tracker(root: Path, iteration: int) -> None:

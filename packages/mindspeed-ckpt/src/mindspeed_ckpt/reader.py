@@ -8,13 +8,14 @@
         ...
 
 Rank files are memory-mapped one pipeline stage at a time (all TP x EP files of that stage),
-so memory holds one stage's touched pages plus one merged tensor.
+and the pages a tensor touched are dropped once it is merged or consumed
+(:func:`mindspeed_ckpt.memory.release_pages`), so memory holds about one merged tensor.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,15 @@ import torch
 from mindspeed_ckpt import maps
 from mindspeed_ckpt.hf_io import CONFIG, read_json
 from mindspeed_ckpt.megatron_io import LegacyCheckpoint, args_get, chunks, locate
+from mindspeed_ckpt.memory import release_pages
 from mindspeed_ckpt.placement import EMBEDDING, Grid, stage_layer_counts
 from mindspeed_ckpt.sharding import EXPERT, merge_tp
 
 HF_CONFIG_DIR = "hf_config"  # where hf_to_mcore keeps config.json and tokenizer files inside the megatron dir
 
 
-def _weights(sd: Mapping[str, Any]) -> list[str]:
-    return [k for k in sd if not k.endswith("._extra_state")]
+def _weights(sd: Mapping[str, Any], skip: Callable[[str], bool] | None = None) -> list[str]:
+    return [k for k in sd if not k.endswith("._extra_state") and not (skip and skip(k))]
 
 
 def _layer_list(args: Any) -> tuple[int, ...] | None:
@@ -78,6 +80,11 @@ class McoreCheckpoint:
             raise ValueError(f"{ck.path(0, 0)}: missing tensor {EMBEDDING!r}")
         self.padded_vocab_size = emb.shape[0] * ck.tp
         self.tp, self.pp, self.vpp, self.ep = ck.tp, ck.pp, vpp, ck.ep
+        self._mapped: tuple[int, dict] | None = None  # get(): the last stage's rank files, kept mapped
+        # set by mindspeed_ckpt.lora to merge Megatron LoRA adapters: names to leave out, and
+        # shard_hook(stage, chunk, tp_rank, ep_rank, local name, shard, chunk state dict) -> shard
+        self.skip_key: Callable[[str], bool] | None = None
+        self.shard_hook: Callable[..., torch.Tensor] | None = None
 
     def _stage_files(self, stage: int) -> dict[tuple[int, int], list[Mapping[str, Any]]]:
         files = {}
@@ -95,9 +102,9 @@ class McoreCheckpoint:
         out = []
         shared = None
         for e in range(self.ep):
-            keys = _weights(files[(0, e)][chunk])
+            keys = _weights(files[(0, e)][chunk], self.skip_key)
             for t in range(1, self.tp):
-                if sorted(_weights(files[(t, e)][chunk])) != sorted(keys):
+                if sorted(_weights(files[(t, e)][chunk], self.skip_key)) != sorted(keys):
                     raise ValueError(f"{self.legacy.path(t, stage, e)}: tensor names differ from "
                                      f"{self.legacy.path(0, stage, e)} (chunk {chunk})")
             dense = sorted(k for k in keys if EXPERT not in k)
@@ -110,6 +117,36 @@ class McoreCheckpoint:
                 g = self.grid.global_name(stage, chunk, e, k)
                 if g is not None:
                     out.append((e, k, g))
+        return out
+
+    def _shards(self, files, stage: int, chunk: int, e: int, local: str) -> list[torch.Tensor]:
+        shards = [files[(t, e)][chunk][local] for t in range(self.tp)]
+        if self.shard_hook is not None:
+            shards = [self.shard_hook(stage, chunk, t, e, local, x, files[(t, e)][chunk]) for t, x in enumerate(shards)]
+        return shards
+
+    def get(self, name: str) -> torch.Tensor:
+        """The full (TP1 EP1) tensor of global megatron name ``name``, TP shards merged, reading only
+        the rank files of the pipeline stage that owns it (that stage's files stay mapped for the
+        next call, so walking names in model order maps each stage once). ValueError when absent."""
+        slot = self.grid.place(name)[0]
+        if self._mapped is None or self._mapped[0] != slot.stage:
+            self._mapped = None  # unmap the previous stage before mapping the next
+            self._mapped = (slot.stage, self._stage_files(slot.stage))
+        files, e = self._mapped[1], slot.ep_rank or 0
+        for t in range(self.tp):
+            if slot.local not in files[(t, e)][slot.chunk]:
+                raise ValueError(f"{self.legacy.path(t, slot.stage, e)}: missing tensor {slot.local!r} (global {name!r})")
+        return merge_tp(slot.local, self._shards(files, slot.stage, slot.chunk, e, slot.local))
+
+    def dtypes(self) -> list[tuple[str, torch.dtype]]:
+        """(global name, dtype) of every tensor, in :meth:`tensors` order (reads only the file indexes)."""
+        out = []
+        for s in range(self.pp):
+            files = self._stage_files(s)
+            for c in range(self.vpp):
+                out += [(g, files[(0, e)][c][k].dtype) for e, k, g in self._chunk_keys(files, s, c)]
+            del files
         return out
 
     def names(self) -> list[str]:
@@ -131,7 +168,13 @@ class McoreCheckpoint:
             files = self._stage_files(s)
             for c in range(self.vpp):
                 for e, local, g in self._chunk_keys(files, s, c):
-                    yield g, merge_tp(local, [files[(t, e)][c][local] for t in range(self.tp)])
+                    mapped = [files[(t, e)][c][local] for t in range(self.tp)]
+                    full = merge_tp(local, self._shards(files, s, c, e, local))
+                    if all(full.untyped_storage().data_ptr() != m.untyped_storage().data_ptr() for m in mapped):
+                        release_pages(mapped)  # merged into a copy: the mapped pages are not needed any more
+                    yield g, full
+                    del full
+                    release_pages(mapped)  # the consumer is done: drop the mapped pages it touched
             del files
 
 
