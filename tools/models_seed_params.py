@@ -72,8 +72,8 @@ SEED_PARAMS: tuple[SeedParam, ...] = (
     _p("use-fused-rmsnorm", _S + "10", "always: mindspeed_kernels.ops.rms_norm (fused kernel where the device has one)",
        status=IMPLEMENTED),
     _p("use-fused-swiglu", _S + "10", "always: mindspeed_kernels.ops.swiglu", status=IMPLEMENTED),
-    _p("use-fused-rotary-pos-emb", _S + "10", "always for GQA layers: q/k through mindspeed_kernels.ops.rotary_pos_emb "
-       "(KernelRopeSelfAttention); MLA keeps megatron's rotation", status=IMPLEMENTED),
+    _p("use-fused-rotary-pos-emb", _S + "10", "always: q/k through mindspeed_kernels.ops.rotary_pos_emb "
+       "(KernelRopeSelfAttention; MLA via mla_rope)", status=IMPLEMENTED),
     _p("use-fused-mlp", _S + "10", "MLP is megatron's (fc1, ops.swiglu, fc2)", status=NOT_YET),
     _p("untie-embeddings-and-output-weights", _MC, "ModelSpec.tie_word_embeddings", ["tie_word_embeddings"]),
     _p("padded-vocab-size", _S + "11", "from_hf_config(make_vocab_size_divisible_by=N) pads to N x TP instead",

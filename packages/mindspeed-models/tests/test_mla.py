@@ -336,3 +336,33 @@ def test_tensor_parallel_2_matches_hf(q_lora, sequence_parallel):
     from mindspeed_kernels.testing import run_world
 
     run_world(_tp2_world, 2, q_lora, sequence_parallel, timeout_s=120)
+
+
+def test_mla_rope_goes_through_the_kernels_and_equals_megatron(monkeypatch):
+    """mla_rope.apply_mla_rope = megatron's apply_rotary_pos_emb for MLA (values and gradients, with YaRN's
+    mscale and pass-through channels), and building an MLA spec routes megatron's MLA to it."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer import multi_latent_attention
+
+    from mindspeed_models import mla_rope
+
+    mla_rope.install()
+    assert multi_latent_attention.apply_rotary_pos_emb is mla_rope.apply_mla_rope
+    calls = []
+    real = mla_rope.ops.rotary_pos_emb
+    monkeypatch.setattr(mla_rope.ops, "rotary_pos_emb", lambda x, c, s: calls.append(x.shape) or real(x, c, s))
+    config = MLATransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, multi_latent_attention=True,
+                                  kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=12)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    freqs = torch.randn(6, 1, 1, 8, generator=gen)
+    for width in (8, 12):  # rope slice alone, and with 4 channels passed through
+        t = torch.randn(6, 2, 4, width, generator=gen, dtype=torch.float64)
+        outs = []
+        for fn in (mla_rope.apply_mla_rope, rope_utils.apply_rotary_pos_emb):
+            x = t.clone().requires_grad_()
+            y = fn(x, freqs, config, mscale=1.3)
+            (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+            outs.append((y.detach(), x.grad))
+        torch.testing.assert_close(outs[0][0], outs[1][0])
+        torch.testing.assert_close(outs[0][1], outs[1][1])
+    assert len(calls) == 2

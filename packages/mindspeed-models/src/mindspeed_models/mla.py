@@ -14,8 +14,9 @@ What is here:
   swapped for the MLA one.
 - :func:`mla_config_fields`: DeepSeek HF config keys -> ``MLATransformerConfig`` kwargs.
 
-megatron's MLA computes q/k/v itself (latent down/up projections, its own RoPE on the
-``qk_pos_emb_head_dim`` slice with the interleaved-to-halves permutation, YaRN included) and hands
+megatron's MLA computes q/k/v itself (latent down/up projections, RoPE on the
+``qk_pos_emb_head_dim`` slice with the interleaved-to-halves permutation, YaRN included — the
+rotation itself through mindspeed_kernels, see :mod:`mindspeed_models.mla_rope`) and hands
 core attention query/key [S, B, N, qk_head_dim + qk_pos_emb_head_dim] and value [S, B, N, v_head_dim]
 plus a softmax scale that already contains YaRN's ``mscale(factor, mscale_all_dim) ** 2``.
 
@@ -62,6 +63,7 @@ from megatron.core.transformer.multi_latent_attention import MLASelfAttention, M
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mindspeed_models import mla_rope
 from mindspeed_models.attention import FlashAttention
 from mindspeed_models.layers import RMSNorm
 
@@ -227,6 +229,7 @@ def mla_self_attention_spec(
     if mla_mm_split:
         raise ValueError("mla_self_attention_spec: mla_mm_split=True is not implemented (numerically neutral); leave it False")
     disable_mocked_te()
+    mla_rope.install()  # MLA's rope channels rotated by mindspeed_kernels (see mla_rope)
     return ModuleSpec(
         module=MLASelfAttentionLocal,
         params={"attn_mask_type": AttnMaskType.causal},
