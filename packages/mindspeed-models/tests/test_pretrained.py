@@ -154,7 +154,8 @@ def test_load_pretrained_reads_torch_dist_checkpoints(case, tmp_path):
     source = load_pretrained(tmp_path / "hf", make_vocab_size_divisible_by=128)
     step = tmp_path / "mcore" / "iter_0000003"
     step.mkdir(parents=True)
-    dist_checkpointing.save(source.model.sharded_state_dict(), str(step))
+    # as a training run saves: the model's sharded state plus common entries
+    dist_checkpointing.save({**source.model.sharded_state_dict(), "iteration": 3, "checkpoint_version": 3.0}, str(step))
     (tmp_path / "mcore" / "latest_checkpointed_iteration.txt").write_text("3")
     (tmp_path / "mcore" / "hf_config").mkdir()
     shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "mcore" / "hf_config" / "config.json")

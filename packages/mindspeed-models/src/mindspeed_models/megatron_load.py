@@ -120,7 +120,10 @@ def _load_torch_dist(step: Path, config_dir: Path, overrides: dict):
     except Exception as exc:
         raise ValueError(f"load_pretrained: {step} does not load into the model built from {config_dir}/config.json "
                          f"({_first_line(exc)})") from None  # fmt: skip
-    model.load_state_dict(loaded)
+    # The returned dict also carries the checkpoint's common state (iteration, args, a training
+    # run's optimizer/scheduler entries): keep the model's own keys, all of which must be there.
+    own = model.state_dict().keys()
+    model.load_state_dict({k: v for k, v in loaded.items() if k in own})
     return model.eval(), spec
 
 

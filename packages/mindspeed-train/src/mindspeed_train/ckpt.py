@@ -1,0 +1,193 @@
+"""torch_dist checkpoints of a training run through megatron-core's ``dist_checkpointing``.
+
+Layout (megatron's): ``SAVE/iter_0000042/`` (the dist checkpoint) and
+``SAVE/latest_checkpointed_iteration.txt``. A checkpoint is written to ``iter_0000042.tmp`` and
+renamed only after every rank finished writing; the tracker file is replaced after that. A save
+killed half-way therefore leaves only a ``.tmp`` directory that nothing ever loads.
+
+Saved: model, optimizer (unless ``--no-save-optim``), LR scheduler, iteration, consumed samples
+(the data position) and every rank's RNG states (unless ``--no-save-rng``). The HF config goes to
+``SAVE/hf_config/config.json`` so that ``mindspeed_models.load_pretrained(SAVE)`` can rebuild the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mindspeed_train.config import CheckpointSettings
+
+TRACKER = "latest_checkpointed_iteration.txt"
+# megatron-core 0.16's default layout for the distributed optimizer's state: one ShardedTensor per
+# gradient buffer, written and read by every rank without gathering (reshardable over DP only).
+OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a resume restores besides the tensors: where training continues."""
+
+    iteration: int
+    consumed_samples: int
+
+
+def iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> int | None:
+    """The iteration the tracker file names, or None when ``root`` holds no committed checkpoint."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise ValueError(f"--load {root}: {TRACKER} holds {text!r}, not an iteration number; fix or delete it")
+    return int(text)
+
+
+def _rng_object(is_loading: bool):
+    """Every DP rank's RNG states as one ShardedObject per (PP, TP) rank, as megatron stores them."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    states = None
+    if not is_loading:
+        mine = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "tracker": get_cuda_rng_tracker().get_states()}  # fmt: skip
+        states = [None] * ps.get_data_parallel_world_size()
+        dist.all_gather_object(states, mine, group=ps.get_data_parallel_group())
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    return ShardedObject("rng_state", states, shape, offset, replica_id=ps.get_data_parallel_rank())
+
+
+def _restore_rng(states: list[dict[str, Any]]) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    mine = states[ps.get_data_parallel_rank()]
+    random.setstate(mine["random"])
+    np.random.set_state(mine["numpy"])
+    torch.set_rng_state(mine["torch"])
+    get_cuda_rng_tracker().set_states(mine["tracker"])
+
+
+def _init_adam_state(optimizer) -> None:
+    """Give every parameter of the torch Adam(s) inside ``optimizer`` an all-zero state (step 0).
+
+    Without Apex/TransformerEngine, megatron's DistributedOptimizer.state_dict() reads each state's
+    ``step``, which torch creates only at the first step; a fresh job resuming would fail there.
+    The zeros are placeholders: loading overwrites them in place. Parameters are not touched."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = part.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                          "exp_avg_sq": torch.zeros_like(param)}  # fmt: skip
+
+
+def _adam_step(optimizer) -> float | None:
+    """The step count of the torch Adam(s) inside ``optimizer`` (None before the first step)."""
+    steps = {float(state["step"]) for part in getattr(optimizer, "chained_optimizers", [optimizer])
+             for state in part.optimizer.state.values() if "step" in state}  # fmt: skip
+    if len(steps) > 1:
+        raise RuntimeError(f"optimizer states disagree on the step count: {sorted(steps)}")
+    return steps.pop() if steps else None
+
+
+def _set_adam_step(optimizer, step: float) -> None:
+    # megatron's sharded optimizer state keeps Adam's per-parameter ``step`` as a plain value of the
+    # load template (not a sharded tensor), so the loaded states carry the template's placeholder;
+    # the step saved in the common state is put back here.
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in part.optimizer.state.values():
+            state["step"] = torch.tensor(float(step))
+
+
+def _sharded_state(model, optimizer, *, with_optim: bool, with_rng: bool, is_loading: bool) -> dict[str, Any]:
+    state: dict[str, Any] = {"model": model.module.sharded_state_dict()}
+    if with_optim and is_loading:
+        _init_adam_state(optimizer)
+    if with_optim:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading, metadata=OPTIM_METADATA)
+    if with_rng:
+        state["rng_state"] = _rng_object(is_loading)
+    return state
+
+
+def _commit(tmp: str, final: str, root: str, iteration: int) -> None:
+    """Rank 0: make the finished checkpoint visible (rename, then point the tracker at it)."""
+    os.replace(tmp, final)
+    tracker_tmp = os.path.join(root, f"{TRACKER}.tmp")
+    with open(tracker_tmp, "w") as handle:
+        handle.write(str(iteration))
+    os.replace(tracker_tmp, os.path.join(root, TRACKER))
+
+
+def save_checkpoint(settings: CheckpointSettings, model, optimizer, scheduler, *, iteration: int,
+                    consumed_samples: int, hf_config: dict[str, Any]) -> str:
+    """Write ``SAVE/iter_N`` on all ranks (collective). Returns its path."""
+    from megatron.core import dist_checkpointing
+
+    root, rank = settings.save, dist.get_rank()
+    final, tmp = iter_dir(root, iteration), iter_dir(root, iteration) + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier, interrupted save
+        os.makedirs(tmp)
+        os.makedirs(os.path.join(root, "hf_config"), exist_ok=True)
+        with open(os.path.join(root, "hf_config", "config.json"), "w") as handle:
+            json.dump(hf_config, handle, indent=2)
+    dist.barrier()
+    state = _sharded_state(model, optimizer, with_optim=settings.save_optim, with_rng=settings.save_rng, is_loading=False)
+    state.update(iteration=iteration, consumed_samples=consumed_samples, checkpoint_version=3.0,
+                 opt_param_scheduler=scheduler.state_dict(), adam_step=_adam_step(optimizer))  # fmt: skip
+    dist_checkpointing.save(state, tmp)
+    dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
+    if rank == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        _commit(tmp, final, root, iteration)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(settings: CheckpointSettings, model, optimizer, scheduler) -> Loaded | None:
+    """Restore from ``LOAD``'s latest committed checkpoint; None when there is none (fresh start).
+    ``--finetune`` loads the model only and restarts at iteration 0."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(settings.load)
+    if iteration is None:
+        return None
+    path = iter_dir(settings.load, iteration)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise ValueError(f"--load {settings.load}: {path} is not a torch_dist checkpoint (no metadata.json)")
+    with_optim = settings.load_optim and not settings.finetune
+    with_rng = settings.load_rng and not settings.finetune
+    state = _sharded_state(model, optimizer, with_optim=with_optim, with_rng=with_rng, is_loading=True)
+    loaded = dist_checkpointing.load(state, path)
+    model.module.load_state_dict(loaded["model"])
+    if settings.finetune:
+        return Loaded(iteration=0, consumed_samples=0)
+    if with_optim:
+        # no_grad: with fp32 parameters the distributed optimizer's main shards are views of the
+        # model's (autograd leaf) parameters, and megatron copies the loaded values into them in place.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        if loaded.get("adam_step") is not None:
+            _set_adam_step(optimizer, loaded["adam_step"])
+    if with_rng:
+        _restore_rng(loaded["rng_state"])
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    return Loaded(iteration=int(loaded["iteration"]), consumed_samples=int(loaded["consumed_samples"]))

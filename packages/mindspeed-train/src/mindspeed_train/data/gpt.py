@@ -1,0 +1,86 @@
+"""Pretraining batches: megatron-core's ``GPTDataset`` over `mindspeed preprocess` output, one
+DataLoader per data-parallel rank that can start at any consumed-sample position (exact resume).
+
+Sample order follows megatron's pretraining sampler: global batch ``i`` holds the dataset samples
+``[i * G, (i + 1) * G)``; microbatch ``j`` of it is the next ``micro x DP`` samples, of which DP rank
+``r`` takes the ``r``-th run of ``micro``. So DP2 and DP1 with twice the accumulation see the same
+samples per step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class _SpecialTokens:
+    """The two facts megatron's GPTDataset asks its tokenizer for."""
+
+    eod: int
+    vocab_size: int
+
+    @property
+    def unique_identifiers(self) -> dict:
+        # megatron hashes the dataset description (tokenizer included) into its index-cache names.
+        return {"class": "mindspeed_train.SpecialTokens", "eod": self.eod, "vocab_size": self.vocab_size}
+
+
+def build_train_dataset(data_path: tuple[str, ...], *, split: str, seq_length: int, seed: int, num_samples: int,
+                        eod: int, vocab_size: int, cache_dir: str | None = None):
+    """megatron's (blended) GPTDataset of at least ``num_samples`` samples of ``seq_length`` tokens.
+
+    ``data_path``: ``PREFIX`` or ``W1 PREFIX1 W2 PREFIX2 ...`` (megatron's blend syntax); each prefix
+    must have ``.bin`` and ``.idx``. Indices are cached under ``cache_dir`` (default: next to the data).
+    Must be called on every rank (megatron builds the index cache on rank 0 first)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    for prefix in data_path[1::2] if len(data_path) > 1 else data_path:
+        if not os.path.isfile(f"{prefix}.idx") or not os.path.isfile(f"{prefix}.bin"):
+            raise ValueError(f"--data-path {prefix}: no {prefix}.bin/.idx; write them with `mindspeed preprocess`")
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=get_blend_from_list(list(data_path)), split=split,
+        tokenizer=_SpecialTokens(eod=eod, vocab_size=vocab_size), reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False, create_attention_mask=False, path_to_cache=cache_dir, mmap_bin_files=True,
+    )  # fmt: skip
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()
+    if train is None or len(train) < num_samples:
+        raise ValueError(f"--split {split!r} leaves no training samples; give the train split a share, e.g. 100,0,0")
+    return train
+
+
+class PretrainingBatches:
+    """Index lists for one data-parallel rank, starting after ``consumed`` samples (a multiple of
+    the global batch). Used as a DataLoader ``batch_sampler``."""
+
+    def __init__(self, total: int, consumed: int, micro: int, dp_rank: int, dp_size: int) -> None:
+        if consumed % (micro * dp_size):
+            raise ValueError(f"consumed samples {consumed} is not a multiple of micro x DP = {micro * dp_size}")
+        self.total, self.consumed, self.micro, self.dp_rank, self.dp_size = total, consumed, micro, dp_rank, dp_size
+
+    def __len__(self) -> int:
+        return (self.total - self.consumed) // (self.micro * self.dp_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.micro * self.dp_size
+        for start in range(self.consumed, self.total - step + 1, step):
+            first = start + self.dp_rank * self.micro
+            yield list(range(first, first + self.micro))
+
+
+def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in keys}
+
+
+def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """An iterator of microbatches (dicts of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``,
+    each ``[micro, seq]``) for this DP rank, resuming after ``consumed`` samples."""
+    sampler = PretrainingBatches(len(dataset), consumed, micro, dp_rank, dp_size)
+    # num_workers=0: samples are memory-mapped slices, cheap enough to read in the training process.
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate, num_workers=0))

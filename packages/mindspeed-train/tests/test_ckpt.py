@@ -1,0 +1,95 @@
+"""Checkpoints through the real `mindspeed train` path on 2 gloo ranks: DP=2 with and without the
+distributed optimizer (whose state is sharded over DP), PP=2, and MoE with EP=2 plus the distributed
+optimizer. A 4-step run saves at step 2 and is killed inside the save of step 4, after every shard is
+written but before the rename: that checkpoint must never load. Resuming then starts from step 2 and
+must reproduce the killed run's steps 3-4 (losses, grad norms, lr) exactly: model, Adam state, LR
+schedule, RNG and data position all restored."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import train_helpers as th
+
+from mindspeed_kernels.testing import run_world
+
+pytestmark = [pytest.mark.xdist_group("gloo"), pytest.mark.timeout(300), pytest.mark.slow]
+VARIANTS = {  # name -> (model, flags)
+    "distopt": ("model", ("--use-distributed-optimizer",)),
+    "plain": ("model", ()),
+    "pp2": ("model", ("--pipeline-model-parallel-size", "2")),
+    "ep2": ("moe", ("--expert-model-parallel-size", "2", "--use-distributed-optimizer")),
+}
+KILLED = "iter_0000004.tmp"
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+def _killing_save(original):
+    """megatron's dist_checkpointing.save that dies after writing the step-4 checkpoint's shards."""
+
+    def save(state, path, *args, **kwargs):
+        original(state, path, *args, **kwargs)
+        if os.path.basename(os.path.normpath(path)) == KILLED:
+            raise _Killed(path)
+
+    return save
+
+
+def _ckpt_world(rank: int, root: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    from mindspeed_train.launch import train
+
+    original = dist_checkpointing.save
+    for name, (model, extra) in VARIANTS.items():
+        ck = os.path.join(root, f"{name}_ck")
+        dist_checkpointing.save = _killing_save(original)
+        try:
+            save = ("--save", ck, "--save-interval", "2", *extra)
+            train(th.flags(root, os.path.join(root, f"{name}_killed"), model=model, extra=save))
+            raise AssertionError("the step-4 save should have been killed")
+        except _Killed:
+            pass
+        finally:
+            dist_checkpointing.save = original
+        resume = ("--load", ck, "--save", ck, *extra)
+        train(th.flags(root, os.path.join(root, f"{name}_resumed"), model=model, extra=resume))
+    # --finetune: the trained weights only; iteration, data position and schedule start over.
+    train(th.flags(root, os.path.join(root, "finetune"), iters=1, extra=("--load", os.path.join(root, "plain_ck"), "--finetune")))
+
+
+def test_killed_save_is_never_loaded_and_resume_continues_the_curve(tmp_path):
+    root = str(tmp_path)
+    th.prepare(root)
+    run_world(_ckpt_world, 2, root, timeout_s=120)
+    for name in VARIANTS:
+        killed = th.read(os.path.join(root, f"{name}_killed"))
+        resumed = th.read(os.path.join(root, f"{name}_resumed"))
+        assert [r["iteration"] for r in killed] == [1, 2, 3, 4]
+        assert [r["iteration"] for r in resumed] == [3, 4], "the resume must start after step 2, not the killed step 4"
+        assert killed[0]["loss"] != killed[-1]["loss"]
+        for got, want in zip(resumed, killed[2:], strict=True):
+            for key in ("loss", "grad_norm", "lr", "consumed_samples"):
+                assert got[key] == pytest.approx(want[key], rel=0, abs=1e-7), (name, key, got, want)
+        # The resumed run's own step-4 save replaced the killed one and moved the tracker.
+        ck = os.path.join(root, f"{name}_ck")
+        assert sorted(os.listdir(ck)) == ["hf_config", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+        assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read() == "4"
+    (finetune,) = th.read(os.path.join(root, "finetune"))
+    fresh = th.read(os.path.join(root, "plain_killed"))[0]
+    assert finetune["iteration"] == 1 and finetune["consumed_samples"] == 4 and finetune["lr"] == fresh["lr"]
+    assert finetune["loss"] < fresh["loss"] - 0.05, "the finetune run must start from the trained weights"
+
+
+def test_killed_save_leaves_nothing_that_loads(tmp_path):
+    """Without a committed checkpoint, --load starts from scratch: the killed .tmp is ignored."""
+    from mindspeed_train import ckpt
+
+    root = str(tmp_path)
+    os.makedirs(os.path.join(root, KILLED))
+    open(os.path.join(root, KILLED, "metadata.json"), "w").write("{}")
+    assert ckpt.latest_iteration(root) is None

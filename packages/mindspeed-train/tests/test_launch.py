@@ -1,0 +1,75 @@
+"""`mindspeed train`'s launch validation (no process group, no megatron import): the validated
+mindspeed-args config becomes a TrainConfig; bad launches stop with one line per problem."""
+
+from __future__ import annotations
+
+import pytest
+import train_helpers as th
+
+from mindspeed_train.launch import build_config, main, split_argv
+
+
+@pytest.fixture()
+def root(tmp_path) -> str:
+    th.write_model(str(tmp_path))
+    return str(tmp_path)
+
+
+def test_config_from_validated_args(root):
+    argv = th.flags(root, root, global_batch=8, micro=2) + ["--lr-warmup-fraction", "0.5"]
+    argv.remove("--lr-warmup-iters"), argv.remove("1")
+    cfg = build_config(argv)
+    assert cfg.parallel.world == 1 and cfg.parallel.tensor == 1 and cfg.parallel.data == 1
+    assert cfg.batch.num_microbatches == 4 and cfg.batch.seq_length == 16
+    assert cfg.optim.lr_warmup_iters == 2  # 0.5 x lr_decay_iters 4
+    assert cfg.optim.lr_decay_style == "cosine" and cfg.optim.clip_grad == 1.0 and cfg.optim.weight_decay == 0.1
+    assert cfg.ckpt.save is None and cfg.ckpt.load_optim and cfg.ckpt.save_rng and not cfg.ckpt.finetune
+    assert cfg.split == "100,0,0" and cfg.output_dir == root
+
+
+def test_model_sizes_come_from_the_hf_config(root):
+    cfg_ok = build_config(th.flags(root, root) + ["--num-layers", "2", "--hidden-size", "32"])
+    assert cfg_ok.model.endswith("model")
+    with pytest.raises(ValueError, match="--num-layers 3 disagrees with num_hidden_layers=2"):
+        build_config(th.flags(root, root) + ["--num-layers", "3"])
+
+
+def test_unimplemented_parameter_stops_the_launch(root):
+    with pytest.raises(ValueError, match="bf16 is not implemented yet"):
+        build_config(th.flags(root, root) + ["--bf16"])
+
+
+def test_bad_launches(root):
+    argv = th.flags(root, root)
+    with pytest.raises(ValueError, match="--model is required"):
+        build_config(argv[2:])
+    with pytest.raises(ValueError, match="--model /nope: no such file"):
+        build_config(["--model", "/nope"] + argv[2:])
+    with pytest.raises(ValueError, match="world size must be a multiple of TP x PP x CP = 2"):
+        build_config(argv + ["--tensor-model-parallel-size", "2"])
+    with pytest.raises(ValueError, match="global_batch_size must be a multiple of micro_batch_size"):
+        build_config(th.flags(root, root, global_batch=3, micro=2))
+    style = argv.index("--lr-decay-style") + 1
+    with pytest.raises(ValueError, match="--lr-decay-style 'inverse-square-root' is not implemented"):
+        build_config(argv[:style] + ["inverse-square-root"] + argv[style + 1 :])
+    with pytest.raises(ValueError, match="unknown megatron flag '--no-such-flag'"):
+        build_config(argv + ["--no-such-flag"])
+
+
+def test_main_exits_2_with_a_one_line_reason(root, capsys):
+    assert main(th.flags(root, root)[2:]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mindspeed train: --model is required")
+
+
+def test_launcher_flags_are_split_from_megatron_flags():
+    ours, rest = split_argv(["--model", "m", "--nproc", "2", "--seq-length", "8", "--output-dir", "o"])
+    assert (ours.model, ours.nproc, ours.output_dir) == ("m", 2, "o") and rest == ["--seq-length", "8"]
+
+
+def test_help_prints_usage_and_exits_0(capsys):
+    from mindspeed_train.launch import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mindspeed train") and "--nproc" in out and "--data-path" in out

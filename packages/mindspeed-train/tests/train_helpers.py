@@ -1,0 +1,76 @@
+"""Tiny model configs, a learnable toy corpus written as a Megatron indexed dataset, and the flags
+of a short `mindspeed train` run, shared by the loop tests."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+VOCAB, EOS = 256, 0
+
+
+def write_model(root: str) -> str:
+    """A 2-layer qwen2 config (GQA, q/k/v bias, fp32, no dropout); returns its directory."""
+    path = os.path.join(root, "model")
+    os.makedirs(path, exist_ok=True)
+    config = dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+                  eos_token_id=EOS, tie_word_embeddings=False, attention_dropout=0.0)  # fmt: skip
+    with open(os.path.join(path, "config.json"), "w") as handle:
+        json.dump(config, handle)
+    return path
+
+
+def write_moe_model(root: str) -> str:
+    """A 2-layer qwen3_moe config (4 experts, top-2, aux loss on); returns its directory."""
+    path = os.path.join(root, "moe")
+    os.makedirs(path, exist_ok=True)
+    config = dict(model_type="qwen3_moe", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                  rms_norm_eps=1e-6, eos_token_id=EOS, tie_word_embeddings=False, attention_dropout=0.0, num_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, router_aux_loss_coef=0.01)  # fmt: skip
+    with open(os.path.join(path, "config.json"), "w") as handle:
+        json.dump(config, handle)
+    return path
+
+
+def write_corpus(root: str, documents: int = 64, seed: int = 0) -> str:
+    """Documents that count upwards (each next token = previous + 1, wrapping in 1..255) from a
+    random start, each ended by EOS: a corpus a tiny model learns in a few steps. Returns the
+    ``--data-path`` prefix."""
+    from mindspeed_train.data.writer import IndexedWriter
+
+    os.makedirs(os.path.join(root, "data"), exist_ok=True)
+    prefix = os.path.join(root, "data", "toy_text_document")
+    rng = np.random.default_rng(seed)
+    with IndexedWriter({"text": prefix}) as writer:
+        for _ in range(documents):
+            start, length = int(rng.integers(1, VOCAB)), int(rng.integers(8, 40))
+            writer.add("text", [(start + i - 1) % (VOCAB - 1) + 1 for i in range(length)] + [EOS])
+    return prefix
+
+
+def prepare(root: str) -> tuple[str, str]:
+    """Model configs and corpus under ``root``; returns (dense model dir, data prefix)."""
+    write_moe_model(root)
+    return write_model(root), write_corpus(root)
+
+
+def flags(root: str, out: str, *, iters: int = 4, micro: int = 1, global_batch: int = 4, lr: float = 1e-2,
+          model: str = "model", extra: tuple[str, ...] = ()) -> list[str]:
+    """A short run: seq 16, warmup 1 iteration then cosine decay over 4 (fixed, so a shorter first
+    half of a resumed run has the same schedule), clipping at 1.0, weight decay 0.1."""
+    model, data = os.path.join(root, model), os.path.join(root, "data", "toy_text_document")
+    return ["--model", model, "--data-path", data, "--micro-batch-size", str(micro),
+            "--global-batch-size", str(global_batch), "--seq-length", "16", "--train-iters", str(iters),
+            "--lr", str(lr), "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "1",
+            "--lr-decay-iters", "4" if iters <= 4 else str(iters), "--weight-decay", "0.1", "--clip-grad", "1.0",
+            "--seed", "1234", "--log-interval", "1", "--output-dir", out, *extra]  # fmt: skip
+
+
+def read(out: str) -> list[dict]:
+    from mindspeed_train.metrics import read_metrics
+
+    return read_metrics(out)
