@@ -13,7 +13,7 @@ one run, with the input of each step freshly written (hot in the page cache, as 
 3. (untimed, unless ``--no-verify``) the round trip is bit-identical to the input.
 
 Each command's wall time is measured around the child process, so it includes the
-interpreter and torch import ("startup": the fastest of 3 runs of ``--help``; the column
+interpreter and imports ("startup": the fastest of 3 runs of ``--help``; the column
 "ratio w/o startup" subtracts it, for context only). Its peak RSS is the child's VmHWM, read
 from /proc/self/status just before it exits. Throughput is the input directory's bytes /
 wall time. ``os.sync()`` runs (untimed) before every measurement so that writeback of the
@@ -21,6 +21,11 @@ previous step does not land in the next one.
 
     python tools/bench/ckpt.py                   # >= 2 GiB, TP2 PP2, checks TARGETS
     python tools/bench/ckpt.py --size-gb 0.2     # quick look (targets still printed)
+    python tools/bench/ckpt.py --torch-path      # MINDSPEED_CKPT_FAST=0: the torch path, for comparison
+
+The CLI takes its torch-free byte-copy path for both directions here (no dtype cast, no LoRA);
+``--torch-path`` measures the torch path in the same conditions. Every row records the 1-minute
+load average when its command ran (the machine is shared: ``cp`` itself varies with it).
 
 Exits 1 when a target fails. Disk: about 4x the checkpoint size, under ``--workdir``.
 """
@@ -117,14 +122,14 @@ sys.exit(code)
 """
 
 
-def timed(cmd: list[str], module: str | None = None) -> dict:
+def timed(cmd: list[str], module: str | None = None, env: dict[str, str] | None = None) -> dict:
     """Run ``cmd`` (or ``python -m module cmd...``) in a child process: wall seconds and, for a
     module, the child's peak RSS in bytes."""
     if module is not None:
         cmd = [sys.executable, "-c", CHILD, module, *cmd]
     os.sync()
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd[-8:])} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
@@ -154,7 +159,7 @@ def verify(a: Path, b: Path) -> None:
                 raise AssertionError(f"round trip changed tensor {n!r}")
 
 
-def run_bench(work: Path, size_gb: float, tp: int, pp: int, check: bool) -> list[dict]:
+def run_bench(work: Path, size_gb: float, tp: int, pp: int, check: bool, torch_path: bool = False) -> list[dict]:
     hf, mc, back = work / "hf", work / "mcore", work / "hf_back"
     ckpt_bytes = make_checkpoint(hf, size_gb, pp)
     startup = min((timed(["--help"], module="mindspeed_ckpt.cli") for _ in range(3)), key=lambda m: m["wall_s"])
@@ -164,9 +169,11 @@ def run_bench(work: Path, size_gb: float, tp: int, pp: int, check: bool) -> list
     for label, src, _, args in steps:
         cp = timed(["cp", "-r", str(src), str(work / "cp_copy")])
         shutil.rmtree(work / "cp_copy")
-        ours = timed(args, module="mindspeed_ckpt.cli")
+        load = os.getloadavg()[0]
+        ours = timed(args, module="mindspeed_ckpt.cli", env={"MINDSPEED_CKPT_FAST": "0" if torch_path else "1"})
         n = dir_bytes(src)
-        rows.append({"direction": f"{label} (TP{tp} PP{pp})", "input_bytes": n, "ours_s": ours["wall_s"], "cp_s": cp["wall_s"],
+        name = f"{label} (TP{tp} PP{pp}){' torch path' if torch_path else ''}"
+        rows.append({"direction": name, "load_avg_1m": load, "input_bytes": n, "ours_s": ours["wall_s"], "cp_s": cp["wall_s"],
                      "ours_Bps": n / ours["wall_s"], "cp_Bps": n / cp["wall_s"], "ratio": cp["wall_s"] / ours["wall_s"],
                      "peak_rss": ours["peak_rss"], "rss_fraction": ours["peak_rss"] / ckpt_bytes,
                      "startup_s": startup["wall_s"], "startup_rss": startup["peak_rss"], "ckpt_bytes": ckpt_bytes})
@@ -185,14 +192,14 @@ def print_table(rows: list[dict]) -> None:
     print(f"checkpoint: {r0['ckpt_bytes'] / GIB:.2f} GiB bf16; startup (python + import): {r0['startup_s']:.2f} s, "
           f"{r0['startup_rss'] / MIB:.0f} MiB RSS; load average {os.getloadavg()[0]:.2f}")
     head = ("direction", "MB/s ours", "MB/s cp", "ratio", "ratio w/o startup", "peak RSS MB", "% of ckpt", "ratio>=0.5",
-            "RSS<25%&<1.5GB")
+            "RSS<25%&<1.5GB", "load 1m")
     lines = [head]
     for r in rows:
         v = verdicts(r)
         bare = r["cp_s"] / max(r["ours_s"] - r["startup_s"], 1e-9)  # context only: the target counts the whole command
         lines.append((r["direction"], f"{r['ours_Bps'] / 1e6:.0f}", f"{r['cp_Bps'] / 1e6:.0f}", f"{r['ratio']:.2f}",
                       f"{bare:.2f}", f"{r['peak_rss'] / 1e6:.0f}", f"{100 * r['rss_fraction']:.1f}",
-                      "PASS" if v["ratio"] else "FAIL", "PASS" if v["rss"] else "FAIL"))
+                      "PASS" if v["ratio"] else "FAIL", "PASS" if v["rss"] else "FAIL", f"{r['load_avg_1m']:.2f}"))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     for row in lines:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
@@ -206,12 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", help="where to put the checkpoints (default: a temporary directory, removed)")
     ap.add_argument("--no-verify", action="store_true", help="skip the bit-identical round-trip check")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--torch-path", action="store_true", help="measure the torch path (MINDSPEED_CKPT_FAST=0) instead")
     a = ap.parse_args(argv)
     if a.size_gb <= 0:
         ap.error(f"--size-gb must be positive; got {a.size_gb}")
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=a.workdir))
     try:
-        rows = run_bench(work, a.size_gb, a.tp, a.pp, check=not a.no_verify)
+        rows = run_bench(work, a.size_gb, a.tp, a.pp, check=not a.no_verify, torch_path=a.torch_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table(rows)

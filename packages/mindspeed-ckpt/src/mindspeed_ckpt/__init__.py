@@ -11,7 +11,17 @@
   Still to come (issue #5): ETP > 1.
 """
 
+from typing import Any
+
 from mindspeed_ckpt._version import __version__
-from mindspeed_ckpt.reader import McoreCheckpoint, read_mcore
 
 __all__ = ["McoreCheckpoint", "__version__", "read_mcore"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy (PEP 562): importing the package must not import torch (the CLI's fast path runs without it).
+    if name in ("McoreCheckpoint", "read_mcore"):
+        from mindspeed_ckpt import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module 'mindspeed_ckpt' has no attribute {name!r}")

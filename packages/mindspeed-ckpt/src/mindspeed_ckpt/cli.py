@@ -18,11 +18,16 @@ Exit codes: 0 success, 1 verify found a mismatch, 2 bad usage or bad input (one 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from mindspeed_ckpt import torch_dist, verify
-from mindspeed_ckpt.convert import DTYPES, hf_to_mcore, mcore_to_hf
-from mindspeed_ckpt.hf_io import DEFAULT_SHARD_BYTES
+from mindspeed_ckpt.plan import DEFAULT_SHARD_BYTES
+
+# torch, convert, verify, torch_dist are imported when a command needs them: the fast path (hf-to-mcore
+# and mcore-to-hf without a dtype cast or LoRA) runs without torch, whose import alone takes ~1.3 s.
+DTYPES = ("bf16", "fp16", "fp32")  # convert.DTYPES' keys
+# MINDSPEED_CKPT_FAST=0 forces the torch path (for comparisons); default on.
+FAST = os.environ.get("MINDSPEED_CKPT_FAST", "1") != "0"
 
 
 class UsageError(Exception):
@@ -41,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--hf-dir", required=True, help="directory with config.json and model*.safetensors")
     h.add_argument("--out", required=True, help="Megatron checkpoint directory to create")
     _add_layout_args(h)
-    h.add_argument("--dtype", choices=sorted(DTYPES), help="cast every tensor (default: keep the HF dtype)")
+    h.add_argument("--dtype", choices=DTYPES, help="cast every tensor (default: keep the HF dtype)")
     h.add_argument("--format", choices=["legacy", "torch_dist"], default="legacy",
                    help="legacy mp_rank_* files (default) or torch_dist (megatron dist_checkpointing; needs mindspeed-models)")
     h.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
@@ -60,8 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: from the adapter's config or saved args)")
     m.add_argument("--lora-rank", type=int, help="LoRA rank r (default: from the adapter's config or tensor shapes)")
     _add_reshard_parser(sub)
-    verify.add_parser(sub)
+    _add_verify_parser(sub)
     return ap
+
+
+def _add_verify_parser(sub) -> None:
+    """The ``verify`` subcommand's flags (``sub``: the ``mindspeed convert`` subparsers)."""
+    v = sub.add_parser("verify", help="compare fp32 logits of an HF directory and a Megatron checkpoint (exit 1 on mismatch)")
+    v.add_argument("--hf-dir", required=True, help="Hugging Face directory (run with transformers)")
+    v.add_argument("--mcore-dir", required=True, help="Megatron checkpoint, legacy or torch_dist (run with mindspeed-models)")
+    v.add_argument("--seq-len", type=int, default=32, help="tokens per sequence; later ones shorter, right padded (default 32)")
+    v.add_argument("--batch", type=int, default=2, help="sequences in the random batch (default 2)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random tokens (default 0)")
+    v.add_argument("--atol", type=float, default=1e-4, help="largest allowed abs logit difference (default 1e-4)")
+
 
 
 def _add_layout_args(p: argparse.ArgumentParser) -> None:
@@ -82,7 +99,7 @@ def _add_reshard_parser(sub) -> None:
     r.add_argument("--out", required=True, help="Megatron checkpoint directory to create")
     r.add_argument("--hf-config", help="directory with config.json (default: MCORE_DIR/hf_config)")
     _add_layout_args(r)
-    r.add_argument("--dtype", choices=sorted(DTYPES), help="cast every tensor (default: keep the input dtype)")
+    r.add_argument("--dtype", choices=DTYPES, help="cast every tensor (default: keep the input dtype)")
     r.add_argument("--make-vocab-size-divisible-by", type=int,
                    help="pad the vocabulary to a multiple of N * TP (default: the input's saved value, else 128)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -101,16 +118,52 @@ def _run_reshard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hf_to_mcore(*a, **kw):
+    """The fast path when it applies (no dtype cast, known dtypes, rank files under 4 GiB), else convert's."""
+    from mindspeed_ckpt.torchfile import NotFast
+
+    if FAST:
+        from mindspeed_ckpt import fastpath
+
+        try:
+            return fastpath.hf_to_mcore(*a, **kw)
+        except NotFast:
+            pass
+    from mindspeed_ckpt.convert import hf_to_mcore
+
+    return hf_to_mcore(*a, **kw)
+
+
+def _mcore_to_hf(*a, lora_dir=None, lora_alpha=None, lora_rank=None, **kw):
+    """The fast path without LoRA when it applies (legacy input, contiguous shards), else convert's."""
+    from mindspeed_ckpt.torchfile import NotFast
+
+    if FAST and lora_dir is None:
+        from mindspeed_ckpt import fastread
+
+        try:
+            return fastread.mcore_to_hf(*a, **kw)
+        except NotFast:
+            pass
+    from mindspeed_ckpt.convert import mcore_to_hf
+
+    return mcore_to_hf(*a, lora_dir=lora_dir, lora_alpha=lora_alpha, lora_rank=lora_rank, **kw)
+
+
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "reshard":
         return _run_reshard(args)
     if args.command == "verify":
+        from mindspeed_ckpt import verify
+
         return verify.run_cli(args)
     if args.command == "hf-to-mcore" and args.format == "torch_dist":
+        from mindspeed_ckpt import torch_dist
+
         return torch_dist.run_cli(args)
     if args.command == "hf-to-mcore":
-        out = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp,
+        out = _hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp,
                           num_layer_list=args.num_layer_list,
                           decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
                           decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers, dtype=args.dtype,
@@ -120,7 +173,7 @@ def run(argv: list[str]) -> int:
         return 0
     if args.max_shard_size_mb < 1:
         raise UsageError(f"mindspeed convert mcore-to-hf: --max-shard-size-mb must be >= 1; got {args.max_shard_size_mb}")
-    out = mcore_to_hf(args.mcore_dir, args.out, hf_config=args.hf_config, overwrite=args.overwrite,
+    out = _mcore_to_hf(args.mcore_dir, args.out, hf_config=args.hf_config, overwrite=args.overwrite,
                       lora_dir=args.lora_dir, lora_alpha=args.lora_alpha, lora_rank=args.lora_rank,
                       max_shard_bytes=args.max_shard_size_mb * 2**20, progress=args.progress)
     print(f"wrote Hugging Face checkpoint to {out}")

@@ -13,10 +13,7 @@ place at the end, so a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from math import prod
 from pathlib import Path
 
@@ -30,7 +27,8 @@ from mindspeed_ckpt.mcore_args import ITERATION, megatron_args
 from mindspeed_ckpt.megatron_io import RankWriter, args_get, write_tracker
 from mindspeed_ckpt.memory import bound_heap
 from mindspeed_ckpt.pipeline import WriteBehind
-from mindspeed_ckpt.placement import Grid, Slot, stage_layer_counts
+from mindspeed_ckpt.placement import Grid, Slot
+from mindspeed_ckpt.plan import check_hf_names, parse_layer_list, placements, plan_grid, staging
 from mindspeed_ckpt.progress import Progress
 from mindspeed_ckpt.reader import HF_CONFIG_DIR, read_mcore
 from mindspeed_ckpt.sharding import GATE_UP, check_tp, padded_vocab_size, split_tp, tp_dim
@@ -39,45 +37,6 @@ from mindspeed_ckpt.sharding import GATE_UP, check_tp, padded_vocab_size, split_
 # measurable gain on the 2-core machine of the README table, so it is opt-in.
 WRITE_BEHIND = int(os.environ.get("MINDSPEED_CKPT_WRITE_BEHIND", "0"))
 DTYPES: Mapping[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@contextmanager
-def staging(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling directory of ``out``, renamed to ``out`` when the block succeeds
-    and removed when it fails. Refuses an existing ``out`` unless ``overwrite``."""
-    if out.exists() and not overwrite:
-        raise ValueError(f"--out {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / "x")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def _check_hf_names(reader: HFReader, rule_list: list[maps.Rule]) -> None:
-    have = set(reader.names)
-    for rule in rule_list:
-        for name in rule.hf:
-            if name not in have and not rule.optional:
-                hint = ""
-                if rule.mcore.startswith("mtp."):  # transformers neither builds nor saves MTP layers
-                    hint = "; checkpoints saved by transformers have no MTP layers: set num_nextn_predict_layers to 0"
-                raise ValueError(f"{reader.dir}: missing tensor {name!r} (needed for megatron {rule.mcore!r}){hint}")
-    known = {n for r in rule_list for n in r.hf}
-    ignored = maps.ignored_hf(reader.config)
-    extra = sorted(n for n in have if n not in known and not ignored(n))
-    if extra:
-        raise ValueError(f"{reader.dir}: unexpected tensor {extra[0]!r} ({len(extra)} in all) for model_type "
-                         f"{reader.config['model_type']!r}; check that config.json matches the weights")
 
 
 def _check_aliases(reader: HFReader, rule_list: list[maps.Rule]) -> None:
@@ -92,37 +51,6 @@ def _check_aliases(reader: HFReader, rule_list: list[maps.Rule]) -> None:
                                  f"({rule.mcore!r}); megatron keeps one copy")
 
 
-
-
-def placements(rule_list: list[maps.Rule], grid: Grid) -> list[list[tuple[maps.Rule, Slot]]]:
-    """Per pipeline stage, the (rule, slot) pairs its rank files hold (copies included: a tied
-    embedding's ``output_layer`` copy and the MTP embedding copy on the last stage)."""
-    out: list[list[tuple[maps.Rule, Slot]]] = [[] for _ in range(grid.pp)]
-    for rule in rule_list:
-        if not rule.alias:
-            for slot in grid.place(rule.mcore):
-                out[slot.stage].append((rule, slot))
-    return out
-
-
-def parse_layer_list(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
-    """``"1,3"`` or ``[1, 3]`` -> ``(1, 3)``; ValueError naming --num-layer-list otherwise."""
-    if value is None:
-        return None
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        return tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ValueError(f"--num-layer-list {value!r}: expected comma-separated layer counts, e.g. 1,3") from None
-
-
-def _plan_grid(lay: maps.Layout, *, pp: int, vpp: int, ep: int, layer_list: tuple[int, ...] | None,
-               first: int | None, last: int | None) -> Grid:
-    if vpp > 1 and (pp < 2 or layer_list or first is not None or last is not None):
-        raise ValueError(f"--vpp {vpp} needs --pp > 1 and an even layer split (no --num-layer-list or "
-                         "--decoder-first/last-pipeline-num-layers)")
-    counts = stage_layer_counts(lay.num_layers, pp, layer_list=layer_list, first=first, last=last)
-    return Grid(counts, vpp=vpp, ep=ep, experts=lay.dims.get("experts", 0), mtp=lay.num_mtp, tied="tied" in lay.features)
 
 
 def _shard_bytes(rule: maps.Rule, slot: Slot, tp: int, itemsize: int) -> int:
@@ -193,10 +121,10 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 
     check_tp(dict(lay.dims), tp)
     layers = parse_layer_list(num_layer_list)
     first, last = decoder_first_pipeline_num_layers, decoder_last_pipeline_num_layers
-    grid = _plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last)
+    grid = plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last)
     padded = padded_vocab_size(lay.dims["vocab"], make_vocab_size_divisible_by, tp)
     rule_list = maps.rules(cfg, padded_vocab_size=padded)
-    _check_hf_names(reader, rule_list)
+    check_hf_names(reader, rule_list)
     _check_aliases(reader, rule_list)
     reader.release()
     cast = DTYPES[dtype] if dtype is not None else None

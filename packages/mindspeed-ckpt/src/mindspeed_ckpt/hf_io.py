@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mindspeed_ckpt.memory import release_pages
+from mindspeed_ckpt.plan import CONFIG, DEFAULT_SHARD_BYTES, INDEX, SINGLE, copy_side_files, read_json, side_files  # noqa: F401 (re-exported)
 from mindspeed_ckpt.safetensors_stream import SafetensorsFile, SafetensorsWriter
-
-CONFIG = "config.json"
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
-DEFAULT_SHARD_BYTES = 5 * 1024**3
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file; ValueError naming the file when missing or not a JSON object."""
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 class HFReader:
@@ -268,17 +249,3 @@ def save_hf(out_dir: str | os.PathLike, config: dict[str, Any], tensors: dict[st
     for name, t in tensors.items():
         w.add(name, t)
     w.close()
-
-
-def side_files(src: Path) -> Iterator[Path]:
-    """The non-weight files of an HF directory (config, generation config, tokenizer files)."""
-    for p in sorted(src.iterdir()):
-        if p.is_file() and not p.name.endswith(".safetensors") and p.name != INDEX and not p.name.endswith(".partial"):
-            yield p
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Copy :func:`side_files` of ``src`` into ``dst`` (created)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for p in side_files(src):
-        shutil.copy2(p, dst / p.name)

@@ -12,8 +12,6 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from mindspeed_ckpt import maps
 from mindspeed_ckpt.maps.config import model_type
 from mindspeed_ckpt.placement import Grid
@@ -64,7 +62,12 @@ def _mla(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 v_head_dim=cfg["v_head_dim"])
 
 
-def megatron_args(cfg: Mapping[str, Any], lay: maps.Layout, *, tp: int, grid: Grid, padded: int, dtype: torch.dtype,
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` (or the fast path's stand-in for it) -> ``'bfloat16'``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def megatron_args(cfg: Mapping[str, Any], lay: maps.Layout, *, tp: int, grid: Grid, padded: int, dtype: Any,
                   divisible_by: int, first: int | None = None, last: int | None = None,
                   layer_list: tuple[int, ...] | None = None) -> argparse.Namespace:
     """The args of a converted checkpoint, from the HF config, its layout and the grid."""
@@ -80,6 +83,6 @@ def megatron_args(cfg: Mapping[str, Any], lay: maps.Layout, *, tp: int, grid: Gr
         add_bias_linear="proj_bias" in f, qk_layernorm="qk_norm" in f or mla, normalization="RMSNorm",
         norm_epsilon=cfg.get("rms_norm_eps"), swiglu=True, position_embedding_type="rope",
         add_position_embedding=False, rotary_base=_rope_theta(cfg),
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        params_dtype=dtype, bf16=dtype_name(dtype) == "bfloat16", fp16=dtype_name(dtype) == "float16",
         consumed_train_samples=0, consumed_valid_samples=0, iteration=ITERATION, hf_model_type=model_type(cfg),
     )

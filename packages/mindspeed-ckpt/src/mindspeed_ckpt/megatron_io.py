@@ -19,34 +19,25 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported lazily: locate() serves the torch-free fast path
+    import torch
 
-from mindspeed_ckpt.torch_zip import TensorRef, TorchZipWriter
+from mindspeed_ckpt.plan import (  # noqa: F401 (re-exported: the names predate plan.py)
+    CHECKPOINT_VERSION,
+    FILE,
+    TRACKER,
+    iteration_dir,
+    model_keys,
+    rank_dir,
+    write_tracker,
+)
 
-TRACKER = "latest_checkpointed_iteration.txt"
-FILE = "model_optim_rng.pt"
-CHECKPOINT_VERSION = 3.0
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
-
-
-def iteration_dir(iteration: int | str) -> str:
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-
-
-def rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
-    """Megatron's rank directory name: ``mp_rank_TT``, ``_PPP`` when PP > 1, ``_EEE`` when EP > 1."""
-    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    return name if ep == 1 else f"{name}_{ep_rank:03d}"
-
-
-def model_keys(vpp: int) -> list[str]:
-    """The state-dict keys of a rank file: ``model``, or ``model0..model{vpp-1}`` with VPP."""
-    return ["model"] if vpp == 1 else [f"model{c}" for c in range(vpp)]
 
 
 class RankWriter:
@@ -61,8 +52,10 @@ class RankWriter:
         d.mkdir(parents=True, exist_ok=True)
         self.path = d / FILE
         self.iteration = iteration
+        from mindspeed_ckpt.torch_zip import TorchZipWriter
+
         self._zip = TorchZipWriter(self.path)
-        self._models: list[dict[str, TensorRef]] = [{} for _ in range(vpp)]
+        self._models: list[dict[str, Any]] = [{} for _ in range(vpp)]
 
     def add(self, chunk: int, name: str, tensor: torch.Tensor) -> None:
         """Write tensor ``name`` of model chunk ``chunk`` (0 without VPP)."""
@@ -90,10 +83,6 @@ def save_rank(root: Path, iteration: int, tp_rank: int, pp_rank: int, pp: int,
     return w.close(args)
 
 
-def write_tracker(root: Path, iteration: int) -> None:
-    (root / TRACKER).write_text(f"{iteration}\n", encoding="utf-8")
-
-
 @dataclass(frozen=True)
 class LegacyCheckpoint:
     """A located legacy checkpoint: its iteration directory and TP/PP/EP sizes (from the rank
@@ -117,6 +106,8 @@ def load_file(path: Path) -> dict[str, Any]:
     """A rank file's dict; ValueError naming the file when missing, corrupt or malformed."""
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
+    import torch
+
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -144,8 +135,10 @@ def args_get(args: Any, key: str, default: Any = None) -> Any:
     return getattr(args, key, default)
 
 
-def locate(mcore_dir: str | Path) -> LegacyCheckpoint:
-    """Find the iteration directory named by the tracker file and the TP/PP grid of rank files."""
+def locate(mcore_dir: str | Path, read_args: Callable[[Path], Any] | None = None) -> LegacyCheckpoint:
+    """Find the iteration directory named by the tracker file and the TP/PP grid of rank files.
+    ``read_args(rank file)``: its saved args (default: via ``torch.load``), consulted only for
+    ``mp_rank_TT_NNN`` names, where they tell an EP rank from a PP rank."""
     root = Path(mcore_dir)
     if not root.is_dir():
         raise ValueError(f"--mcore-dir {root}: not a directory")
@@ -165,7 +158,7 @@ def locate(mcore_dir: str | Path) -> LegacyCheckpoint:
     second = 1 + max((r[1] for r in ranks if len(r) > 1), default=-1)
     third = 1 + max((r[2] for r in ranks if len(r) > 2), default=-1)
     pp, ep = (second, third) if third else (second or 1, 1)
-    if second and not third and _second_is_ep(step_dir):
+    if second and not third and _second_is_ep(step_dir, read_args or (lambda f: load_file(f).get("args"))):
         pp, ep = 1, second
     ckpt = LegacyCheckpoint(root, step_dir, tp, pp, ep)
     for t in range(tp):
@@ -177,7 +170,7 @@ def locate(mcore_dir: str | Path) -> LegacyCheckpoint:
     return ckpt
 
 
-def _second_is_ep(step_dir: Path) -> bool:
+def _second_is_ep(step_dir: Path, read_args: Callable[[Path], Any]) -> bool:
     """Is ``NNN`` of ``mp_rank_00_NNN`` an EP rank (PP = 1, EP > 1 in the saved args)?"""
-    args = load_file(step_dir / "mp_rank_00_000" / FILE).get("args")
+    args = read_args(step_dir / "mp_rank_00_000" / FILE)
     return args_get(args, "pipeline_model_parallel_size", 1) == 1 and args_get(args, "expert_model_parallel_size", 1) > 1

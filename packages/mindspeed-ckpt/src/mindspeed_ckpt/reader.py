@@ -26,9 +26,8 @@ from mindspeed_ckpt.hf_io import CONFIG, read_json
 from mindspeed_ckpt.megatron_io import LegacyCheckpoint, args_get, chunks, locate
 from mindspeed_ckpt.memory import release_pages
 from mindspeed_ckpt.placement import EMBEDDING, Grid, stage_layer_counts
+from mindspeed_ckpt.plan import HF_CONFIG_DIR
 from mindspeed_ckpt.sharding import EXPERT, merge_tp
-
-HF_CONFIG_DIR = "hf_config"  # where hf_to_mcore keeps config.json and tokenizer files inside the megatron dir
 
 
 def _weights(sd: Mapping[str, Any], skip: Callable[[str], bool] | None = None) -> list[str]:

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from mindspeed_ckpt import maps
-from mindspeed_ckpt.convert import DTYPES, _plan_grid, parse_layer_list, placements, staging, write_stage
+from mindspeed_ckpt.convert import DTYPES, write_stage
 from mindspeed_ckpt.hf_io import copy_side_files
 from mindspeed_ckpt.lora import is_lora_key
 from mindspeed_ckpt.mcore_args import ITERATION, megatron_args
 from mindspeed_ckpt.megatron_io import args_get, write_tracker
 from mindspeed_ckpt.placement import EMBEDDING
+from mindspeed_ckpt.plan import parse_layer_list, placements, plan_grid, staging
 from mindspeed_ckpt.progress import Progress
 from mindspeed_ckpt.reader import HF_CONFIG_DIR, McoreCheckpoint, read_mcore
 from mindspeed_ckpt.sharding import check_tp, padded_vocab_size, tp_dim
@@ -93,7 +94,7 @@ def reshard(mcore_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1
     check_tp(dict(lay.dims), tp)
     layers = parse_layer_list(num_layer_list)
     first, last = decoder_first_pipeline_num_layers, decoder_last_pipeline_num_layers
-    grid = _plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last)
+    grid = plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last)
     divisible_by = make_vocab_size_divisible_by or args_get(ck.args, "make_vocab_size_divisible_by") or 128
     padded = padded_vocab_size(lay.dims["vocab"], divisible_by, tp)
     rule_list = maps.rules(cfg, padded_vocab_size=padded)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from mindspeed_ckpt.plan import PAGE_ALIGNMENT
+
 # safetensors dtype names <-> torch dtypes (the float8 ones only where this torch has them)
 _NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
@@ -154,7 +156,7 @@ class SafetensorsWriter:
             self._slots[name] = (dtype, shape, pos)
             pos += n
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors' writer does
+        raw += b" " * (-(8 + len(raw)) % PAGE_ALIGNMENT)  # page-aligned data (safetensors' own writer: 8 bytes)
         self._data_start = 8 + len(raw)
         self.nbytes = self._data_start + pos
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

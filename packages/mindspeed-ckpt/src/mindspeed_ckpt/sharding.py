@@ -17,7 +17,10 @@ MLP. Pipeline and expert placement live in :mod:`mindspeed_ckpt.placement`.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily: tp_dim and the size checks serve the torch-free fast path
+    import torch
 
 COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight",
           "linear_q_proj.weight", "linear_q_down_proj.weight", "linear_q_up_proj.weight", "linear_kv_down_proj.weight",
@@ -40,6 +43,8 @@ def tp_dim(name: str) -> int | None:
 
 
 def _chunks(t: torch.Tensor, parts: int, dim: int, name: str) -> list[torch.Tensor]:
+    import torch
+
     if t.shape[dim] % parts:
         raise ValueError(f"megatron tensor {name!r}: dim {dim} of size {t.shape[dim]} is not divisible by --tp {parts}")
     return list(torch.chunk(t, parts, dim=dim))
@@ -48,6 +53,8 @@ def _chunks(t: torch.Tensor, parts: int, dim: int, name: str) -> list[torch.Tens
 def split_tp(name: str, t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     """Rank ``rank``'s shard of the full tensor ``t`` (a fresh contiguous tensor, so saving it
     does not save the full tensor's storage)."""
+    import torch
+
     dim = tp_dim(name)
     if dim is None or tp == 1:
         piece = t
@@ -62,6 +69,8 @@ def split_tp(name: str, t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
 def merge_tp(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     """The full tensor from its TP shards (inverse of :func:`split_tp`); replicated tensors
     must agree across ranks."""
+    import torch
+
     dim = tp_dim(name)
     if len(shards) == 1:
         return shards[0]

@@ -31,11 +31,11 @@ import torch
 from mindspeed_ckpt import maps
 from mindspeed_ckpt.convert import DTYPES, staging
 from mindspeed_ckpt.convert import _check_aliases as check_aliases
-from mindspeed_ckpt.convert import _check_hf_names as check_hf_names
 from mindspeed_ckpt.hf_io import DEFAULT_SHARD_BYTES, HFReader, HFWriter, copy_side_files, read_json
 from mindspeed_ckpt.maps.config import model_type
 from mindspeed_ckpt.mcore_args import ITERATION
 from mindspeed_ckpt.megatron_io import TRACKER, iteration_dir, write_tracker
+from mindspeed_ckpt.plan import check_hf_names
 from mindspeed_ckpt.progress import Progress
 from mindspeed_ckpt.reader import HF_CONFIG_DIR
 from mindspeed_ckpt.sharding import padded_vocab_size

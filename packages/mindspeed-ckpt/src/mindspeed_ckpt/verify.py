@@ -147,17 +147,6 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, seq_len: 
     return compare(ref, got, mask, atol)
 
 
-def add_parser(sub) -> None:
-    """The ``verify`` subcommand's flags (``sub``: the ``mindspeed convert`` subparsers)."""
-    v = sub.add_parser("verify", help="compare fp32 logits of an HF directory and a Megatron checkpoint (exit 1 on mismatch)")
-    v.add_argument("--hf-dir", required=True, help="Hugging Face directory (run with transformers)")
-    v.add_argument("--mcore-dir", required=True, help="Megatron checkpoint, legacy or torch_dist (run with mindspeed-models)")
-    v.add_argument("--seq-len", type=int, default=32, help="tokens per sequence; later ones shorter, right padded (default 32)")
-    v.add_argument("--batch", type=int, default=2, help="sequences in the random batch (default 2)")
-    v.add_argument("--seed", type=int, default=0, help="seed of the random tokens (default 0)")
-    v.add_argument("--atol", type=float, default=1e-4, help="largest allowed abs logit difference (default 1e-4)")
-
-
 def run_cli(args) -> int:
     """``mindspeed convert verify``: print the report; 0 on pass, 1 on failure."""
     result = verify(args.hf_dir, args.mcore_dir, seq_len=args.seq_len, batch=args.batch, seed=args.seed, atol=args.atol)

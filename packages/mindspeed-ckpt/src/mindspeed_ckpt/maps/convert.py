@@ -5,16 +5,17 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported lazily: rules() and layout() serve the torch-free fast path
+    import torch
 
 from mindspeed_ckpt.maps.config import model_type
 from mindspeed_ckpt.maps.registry import architecture
 from mindspeed_ckpt.maps.spec import LAYER_INDEX, Architecture, Layout, Rule, expand, rename_mcore
 from mindspeed_ckpt.maps.transforms import TRANSFORMS
 
-Getter = Callable[[str], torch.Tensor]
+Getter = Callable[[str], "torch.Tensor"]
 EMBEDDING = "embedding.word_embeddings.weight"
 
 
@@ -80,6 +81,8 @@ def ignored_hf(hf_config: Mapping[str, Any]) -> Callable[[str], bool]:
 
 def _fetch(get: Getter, name: str, side: str, target: str) -> torch.Tensor:
     try:
+        import torch
+
         t = get(name)
     except KeyError:
         raise ValueError(f"missing {side} tensor {name!r} (needed for {target!r})") from None
@@ -113,6 +116,8 @@ def apply_mcore_to_hf(rule: Rule, get: Getter) -> list[tuple[str, torch.Tensor]]
     _check_shape(t, rule.mcore_shape, f"megatron tensor {rule.mcore!r}")
     outs = TRANSFORMS[rule.transform].to_hf(t, dict(rule.params))
     if rule.alias:
+        import torch
+
         outs = tuple(o.clone(memory_format=torch.contiguous_format) for o in outs)
     return list(zip(rule.hf, outs, strict=True))
 
@@ -166,6 +171,8 @@ def hf_to_mcore(
             aliases.append((rule, t))
         else:
             out[name] = t
+    import torch
+
     for rule, t in aliases:
         if not torch.equal(out[rule.mcore], t):
             raise ValueError(f"hf_to_mcore: Hugging Face tensor {rule.hf[0]!r} differs from the tensor megatron shares "
@@ -180,6 +187,8 @@ def mcore_to_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor
     ``_extra_state`` entries are ignored; any other unknown or missing name is an error.
     Vocabulary padding (rows past ``hf_config["vocab_size"]``) is dropped.
     """
+    import torch
+
     emb = tensors.get(EMBEDDING)
     padded = emb.shape[0] if isinstance(emb, torch.Tensor) else None
     vocab = layout(hf_config).dims["vocab"]

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported lazily: the torch-free fast path (fastpath.py) uses the shape rules only
+    import torch
 
 Shape = tuple[int, ...]
 
 
 def _fresh(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return t.clone(memory_format=torch.contiguous_format)
 
 
@@ -39,6 +43,8 @@ def interleave_qkv(
     head_dim, *rest]`` whose rows are, for each query group g in order: the group's
     ``num_heads // num_groups`` q heads, then k head g, then v head g.
     """
+    import torch
+
     per_group = _group_sizes(num_heads, num_groups)
     rest = tuple(q.shape[1:])
     qg = q.reshape(num_groups, per_group * head_dim, *rest)
@@ -52,6 +58,8 @@ def split_qkv(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of :func:`interleave_qkv`: ``[(num_heads + 2*num_groups) * head_dim, *rest]`` ->
     (q ``[num_heads*head_dim, *rest]``, k, v ``[num_groups*head_dim, *rest]``), fresh tensors."""
+    import torch
+
     per_group = _group_sizes(num_heads, num_groups)
     rest = tuple(qkv.shape[1:])
     grouped = qkv.reshape(num_groups, (per_group + 2) * head_dim, *rest)
@@ -61,6 +69,8 @@ def split_qkv(
 
 def concat_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU ``linear_fc1``: gate rows then up rows, ``[2 * ffn, *rest]``."""
+    import torch
+
     return torch.cat([gate, up], dim=0)
 
 
@@ -68,6 +78,8 @@ def split_gate_up(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`concat_gate_up`: the first half of the rows is gate, the second up."""
     if fc1.shape[0] % 2:
         raise ValueError(f"linear_fc1 has {fc1.shape[0]} rows; a gated MLP needs an even count (gate|up)")
+    import torch
+
     gate, up = torch.chunk(fc1, 2, dim=0)
     return _fresh(gate), _fresh(up)
 
@@ -79,6 +91,8 @@ def pad_vocab(t: torch.Tensor, padded_vocab_size: int) -> torch.Tensor:
         raise ValueError(f"padded_vocab_size={padded_vocab_size} is smaller than the vocabulary ({t.shape[0]} rows)")
     if extra == 0:
         return t
+    import torch
+
     return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))], dim=0)
 
 
