@@ -41,6 +41,7 @@ from mindspeed_ckpt.plan import (
     plan_grid,
     rank_dir,
     read_json,
+    read_weight_map,
     staging,
     write_tracker,
 )
@@ -78,14 +79,8 @@ class HFIndex:
             self.tensors.update(_header(self.dir / shard, i))
 
     def _shards(self) -> list[str]:
-        index = self.dir / INDEX
-        if index.exists():
-            wm = read_json(index).get("weight_map")
-            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-                raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
-            for shard in sorted(set(wm.values())):
-                if not (self.dir / shard).is_file():
-                    raise ValueError(f"{self.dir / shard}: shard listed in {INDEX} not found")
+        wm = read_weight_map(self.dir)
+        if wm is not None:
             return sorted(set(wm.values()))
         if not (self.dir / SINGLE).is_file():
             raise ValueError(f"{self.dir}: neither {SINGLE} nor {INDEX} found")

@@ -23,7 +23,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mindspeed_ckpt.memory import release_pages
-from mindspeed_ckpt.plan import CONFIG, DEFAULT_SHARD_BYTES, INDEX, SINGLE, copy_side_files, read_json, side_files  # noqa: F401 (re-exported)
+from mindspeed_ckpt.plan import (  # noqa: F401 (re-exported)
+    CONFIG,
+    DEFAULT_SHARD_BYTES,
+    INDEX,
+    SINGLE,
+    copy_side_files,
+    read_json,
+    read_weight_map,
+    side_files,
+)
 from mindspeed_ckpt.safetensors_stream import SafetensorsFile, SafetensorsWriter
 
 
@@ -51,15 +60,9 @@ class HFReader:
         self._where = self._weight_map()
 
     def _weight_map(self) -> dict[str, str]:
-        index = self.dir / INDEX
-        if index.exists():
-            wm = read_json(index).get("weight_map")
-            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-                raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
-            for shard in sorted(set(wm.values())):
-                if not (self.dir / shard).is_file():
-                    raise ValueError(f"{self.dir / shard}: shard listed in {INDEX} not found")
-            return dict(wm)
+        wm = read_weight_map(self.dir)
+        if wm is not None:
+            return wm
         single = self.dir / SINGLE
         if not single.is_file():
             raise ValueError(f"{self.dir}: neither {SINGLE} nor {INDEX} found")

@@ -26,6 +26,21 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3
 PAGE_ALIGNMENT = 4096
 
 
+def read_weight_map(directory: Path) -> dict[str, str] | None:
+    """The ``weight_map`` of ``directory``'s safetensors index (None without an index); ValueError
+    when it is malformed or names a shard that is not there."""
+    index = directory / INDEX
+    if not index.exists():
+        return None
+    wm = read_json(index).get("weight_map")
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    for shard in sorted(set(wm.values())):
+        if not (directory / shard).is_file():
+            raise ValueError(f"{directory / shard}: shard listed in {INDEX} not found")
+    return dict(wm)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object file; ValueError naming the file when missing or not a JSON object."""
     if not path.is_file():

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from mindspeed_ckpt.torchfile import contiguous_strides
+
 ALIGNMENT = 64  # torch's default record alignment; torch.load(mmap=True) reads it from .storage_alignment
 
 
@@ -63,14 +65,6 @@ def _bytes_of(t: torch.Tensor) -> torch.UntypedStorage:
     return t.untyped_storage()[start:start + t.numel() * t.element_size()]
 
 
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, step = [], 1
-    for s in reversed(shape):
-        out.append(step)
-        step *= max(s, 1)
-    return tuple(reversed(out))
-
-
 class _StorageRef:
     """Stands for a written storage inside the pickle (turned into a persistent id)."""
 
@@ -89,7 +83,7 @@ class _Pickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, TensorRef):
-            args = (_StorageRef(obj), 0, obj.shape, _strides(obj.shape), False, collections.OrderedDict())
+            args = (_StorageRef(obj), 0, obj.shape, contiguous_strides(obj.shape), False, collections.OrderedDict())
             return torch._utils._rebuild_tensor_v2, args
         if isinstance(obj, torch.Tensor):
             raise TypeError("TorchZipWriter.close: the object holds a torch.Tensor; add it with add() and pass its TensorRef")

@@ -75,10 +75,7 @@ class TensorRecord:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPES[self.dtype][2]
-        for s in self.shape:
-            n *= s
-        return n
+        return nbytes(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,16 @@ class Namespace:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of safetensors dtype name ``dtype`` and ``shape``."""
+    n = DTYPES[dtype][2]
+    for s in shape:
+        n *= s
+    return n
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides (elements) of ``shape``, as torch gives a contiguous tensor."""
     out, step = [], 1
     for s in reversed(shape):
         out.append(step)
@@ -167,7 +173,7 @@ class _Emitter:
         numel = t.nbytes // DTYPES[t.dtype][2]
         self.save(("storage", Global("torch", DTYPES[t.dtype][1]), t.key, "cpu", numel))
         self.op(b"Q")  # BINPERSID: the tuple above is the storage's persistent id
-        for x in (0, tuple(t.shape), _strides(tuple(t.shape)), False):
+        for x in (0, tuple(t.shape), contiguous_strides(tuple(t.shape)), False):
             self.save(x)
         self.save(Global("collections", "OrderedDict"))
         self.op(b")R")
@@ -267,14 +273,11 @@ class StoredTensor:
     key: str
 
     def is_contiguous(self) -> bool:
-        return self.stride == _strides(self.shape) or any(s == 0 for s in self.shape)
+        return self.stride == contiguous_strides(self.shape) or any(s == 0 for s in self.shape)
 
     @property
     def nbytes(self) -> int:
-        n = DTYPES[self.dtype][2]
-        for s in self.shape:
-            n *= s
-        return n
+        return nbytes(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
