@@ -63,6 +63,13 @@ IMPLEMENTED_BY: dict[str, frozenset[str]] = {
         "num_attention_heads",
         "max_position_embeddings",
         "num_experts",
+        # Issue #6, the loop (second increment): evaluation, TensorBoard, checkpoint rotation (the
+        # launcher flag --save-total-limit: the schema spells it only in the fsdp2 dialect), bf16.
+        "eval_interval",
+        "eval_iters",
+        "tensorboard_dir",
+        "save_total_limit",
+        "bf16",
     }),
 }
 

@@ -8,6 +8,8 @@ killed half-way therefore leaves only a ``.tmp`` directory that nothing ever loa
 Saved: model, optimizer (unless ``--no-save-optim``), LR scheduler, iteration, consumed samples
 (the data position) and every rank's RNG states (unless ``--no-save-rng``). The HF config goes to
 ``SAVE/hf_config/config.json`` so that ``mindspeed_models.load_pretrained(SAVE)`` can rebuild the model.
+With ``save_total_limit`` N, older ``iter_*`` directories beyond the newest N are deleted, only after
+the new checkpoint is committed (the tracker already names it).
 """
 
 from __future__ import annotations
@@ -135,6 +137,29 @@ def _commit(tmp: str, final: str, root: str, iteration: int) -> None:
     os.replace(tracker_tmp, os.path.join(root, TRACKER))
 
 
+def _committed_iterations(root: str) -> list[int]:
+    """Iterations of the committed ``iter_NNNNNNN`` directories under ``root`` (no ``.tmp``), ascending."""
+    found = []
+    for name in os.listdir(root):
+        digits = name[len("iter_"):]
+        if name.startswith("iter_") and digits.isdigit() and os.path.isdir(os.path.join(root, name)):
+            found.append(int(digits))
+    return sorted(found)
+
+
+def prune_checkpoints(root: str, keep: int, current: int) -> list[str]:
+    """Keep ``current`` (the checkpoint the tracker names) and the newest ``keep - 1`` other committed
+    checkpoints under ``root``; delete the rest (also newer ones left by a run this one resumed
+    before: the tracker no longer names them). Returns the deleted paths."""
+    if keep < 1:
+        raise ValueError(f"--save-total-limit {keep}: keep at least 1 checkpoint")
+    others = [it for it in reversed(_committed_iterations(root)) if it != current]
+    doomed = [iter_dir(root, it) for it in others[keep - 1:]]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
 def save_checkpoint(settings: CheckpointSettings, model, optimizer, scheduler, *, iteration: int,
                     consumed_samples: int, hf_config: dict[str, Any]) -> str:
     """Write ``SAVE/iter_N`` on all ranks (collective). Returns its path."""
@@ -158,6 +183,8 @@ def save_checkpoint(settings: CheckpointSettings, model, optimizer, scheduler, *
         if os.path.exists(final):
             shutil.rmtree(final)
         _commit(tmp, final, root, iteration)
+        if settings.save_total_limit:
+            prune_checkpoints(root, settings.save_total_limit, iteration)
     dist.barrier()
     return final
 

@@ -23,6 +23,7 @@ TRAIN_PARAMETERS = frozenset({
     "save", "save_interval", "load", "no_load_optim", "no_save_optim", "no_load_rng", "no_save_rng", "finetune",
     "log_interval", "num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
     "num_experts",
+    "eval_interval", "eval_iters", "tensorboard_dir", "save_total_limit", "bf16",
 })  # fmt: skip
 
 
@@ -80,6 +81,16 @@ class CheckpointSettings:
     load_rng: bool
     save_rng: bool
     finetune: bool
+    save_total_limit: int | None = None  # keep only the newest N iter_* directories (None: all)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Validation every ``interval`` iterations over ``iters`` global batches of the validation
+    split (``iters`` -1: as many as the validation split holds). ``interval`` None: no evaluation."""
+
+    interval: int | None
+    iters: int
 
 
 @dataclass(frozen=True)
@@ -99,9 +110,13 @@ class TrainConfig:
     batch: BatchSettings
     optim: OptimSettings
     ckpt: CheckpointSettings
+    eval: EvalSettings = EvalSettings(interval=None, iters=0)
+    tensorboard_dir: str | None = None
+    bf16: bool = False  # megatron's Float16Module (bf16 compute) + fp32 main params in the optimizer
 
     @classmethod
-    def from_args(cls, cfg: Any, *, model: str, output_dir: str | None, world_size: int) -> TrainConfig:
+    def from_args(cls, cfg: Any, *, model: str, output_dir: str | None, world_size: int,
+                  save_total_limit: int | None = None) -> TrainConfig:
         """Build from a validated mindspeed-args ``Config`` plus the launcher-only flags."""
         get = cfg.get
         _require(get, "train_iters", "--train-iters N")
@@ -128,13 +143,25 @@ class TrainConfig:
                 save=save, save_interval=get("save_interval"), load=get("load"),
                 load_optim=not get("no_load_optim"), save_optim=not get("no_save_optim"),
                 load_rng=not get("no_load_rng"), save_rng=not get("no_save_rng"), finetune=bool(get("finetune")),
+                save_total_limit=save_total_limit,
             ),
+            eval=_eval(get), tensorboard_dir=get("tensorboard_dir"), bf16=bool(get("bf16")),
         )  # fmt: skip
 
 
 def _require(get, name: str, flag: str) -> None:
     if get(name) is None:
         raise ValueError(f"{name} is required for mindspeed train; pass {flag}")
+
+
+def _eval(get) -> EvalSettings:
+    # The schema's rule: an unset eval_interval follows save_interval. Evaluation still needs a
+    # validation share in --split; without one the loop skips it.
+    interval = get("eval_interval") or get("save_interval") or None
+    iters = get("eval_iters")
+    if iters is None or iters < -1:
+        raise ValueError(f"--eval-iters {iters!r} is invalid; pass a positive count, 0 (off) or -1 (whole split)")
+    return EvalSettings(interval=interval if iters != 0 else None, iters=iters)
 
 
 def _seq_length(get) -> int:

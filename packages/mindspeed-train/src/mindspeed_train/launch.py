@@ -8,7 +8,8 @@
 Launcher-only flags (not launch parameters of the seeds, so not in mindspeed-args):
 ``--model`` (a Hugging Face model directory or ``config.json``: the architecture to build; optional
 when ``--load`` holds a checkpoint written by this command), ``--output-dir`` (metrics; default
-``--save``), ``--nproc N``, ``--config FILE``. Everything else goes through
+``--save``), ``--save-total-limit N`` (keep the newest N checkpoints: the schema's
+``save_total_limit`` has no megatron-dialect spelling), ``--nproc N``, ``--config FILE``. Everything else goes through
 ``mindspeed_args.validate(dialect="megatron")``; violations, and parameters set but not implemented
 yet, stop the launch (exit 2) with the validator's messages.
 """
@@ -36,6 +37,7 @@ launcher flags:
   --nproc N          re-execute under torchrun with N processes
   --output-dir DIR   where metrics.jsonl goes (default: --save)
   --config FILE      launch parameters from a file
+  --save-total-limit N  keep only the newest N checkpoints under --save (default: all)
 
 Every other flag is a megatron-dialect launch parameter, validated by mindspeed-args
 (`mindspeed args show NAME`; the implemented ones: packages/mindspeed-train/README.md), e.g.
@@ -49,7 +51,16 @@ def _launcher_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--nproc", type=int, default=None)
     parser.add_argument("--config", default=None)
+    parser.add_argument("--save-total-limit", default=None)
     return parser
+
+
+def _save_total_limit(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--save-total-limit {text!r}: pass a whole number >= 1 (checkpoints to keep)")
+    return int(text)
 
 
 def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -148,7 +159,8 @@ def build_config(argv: Sequence[str]) -> TrainConfig:
         lines = [f"{_values(bad.params)}: {bad.constraint} ({bad.fix})" for bad in report.violations]
         raise ValueError("invalid launch:\n  " + "\n  ".join(lines))
     _check_model_flags(report.config, hf, model)
-    return TrainConfig.from_args(report.config, model=model, output_dir=ours.output_dir, world_size=_world_size())
+    return TrainConfig.from_args(report.config, model=model, output_dir=ours.output_dir, world_size=_world_size(),
+                                 save_total_limit=_save_total_limit(ours.save_total_limit))  # fmt: skip
 
 
 def _init_distributed() -> None:
@@ -182,25 +194,43 @@ def train(argv: Sequence[str]) -> list:
     ``StepMetrics`` (every rank gets the same reduced losses)."""
     config = build_config(argv)  # before any process group or megatron import: bad input fails fast
     _init_distributed()
-    from megatron.core import parallel_state as ps
-
     from mindspeed_train import loop
-    from mindspeed_train.data.gpt import build_train_dataset, make_loader
     from mindspeed_train.metrics import MetricsLog
 
     loop.init_parallel(config)
     job = loop.build_job(config)
     loop.resume(job)
-    hf = dict(job.spec.hf_config)
-    dataset = build_train_dataset(
-        config.data_path, split=config.split, seq_length=config.batch.seq_length, seed=config.seed,
-        num_samples=config.train_iters * config.batch.global_, eod=_eod(config, hf), vocab_size=job.spec.vocab_size,
-    )  # fmt: skip
-    data = make_loader(dataset, consumed=job.consumed_samples, micro=config.batch.micro,
-                       dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())  # fmt: skip
+    train_data, valid_data, eval_iters = _data(config, job, _eod(config, dict(job.spec.hf_config)))
     log = MetricsLog(config.output_dir, train_iters=config.train_iters, log_interval=config.log_interval,
-                     enabled=dist.get_rank() == 0)  # fmt: skip
-    return loop.run(job, data, log)
+                     enabled=dist.get_rank() == 0, tensorboard_dir=config.tensorboard_dir)  # fmt: skip
+    return loop.run(job, train_data, log, valid_iterator=valid_data, eval_iters=eval_iters)
+
+
+def _data(config: TrainConfig, job, eod: int):
+    """(train iterator, validation iterator or None, eval iterations). Both resume where the
+    checkpoint left them: training after ``consumed_samples``, validation after the evaluations
+    already run (megatron's rule: iteration // eval_interval evaluations of eval_iters batches)."""
+    from megatron.core import parallel_state as ps
+
+    from mindspeed_train.data.gpt import build_datasets, make_loader
+
+    batch, interval, iters = config.batch, config.eval.interval, config.eval.iters
+    # megatron sizes the validation set for every evaluation plus one; -1: one pass over the split.
+    evals = config.train_iters // interval + 1 if interval else 0
+    valid_samples = (None if iters == -1 else evals * iters * batch.global_) if interval else 0
+    train, valid = build_datasets(
+        config.data_path, split=config.split, seq_length=batch.seq_length, seed=config.seed,
+        num_samples=config.train_iters * batch.global_, valid_samples=valid_samples, eod=eod,
+        vocab_size=job.spec.vocab_size,
+    )  # fmt: skip
+    dp = {"micro": batch.micro, "dp_rank": ps.get_data_parallel_rank(), "dp_size": ps.get_data_parallel_world_size()}
+    train_data = make_loader(train, consumed=job.consumed_samples, **dp)
+    if iters == -1 and valid is not None:
+        iters = len(valid) // (evals * batch.global_)  # the schema: no evaluation when the split is too small
+    if valid is None or iters <= 0:
+        return train_data, None, 0
+    consumed = (job.iteration // interval) * iters * batch.global_
+    return train_data, make_loader(valid, consumed=consumed, **dp), iters
 
 
 def _reexec_torchrun(nproc: int, argv: Sequence[str]) -> None:

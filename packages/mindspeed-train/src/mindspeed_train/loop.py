@@ -6,6 +6,11 @@ accumulation to the global batch; megatron's DDP reduces the gradients over DP i
 The loss of a microbatch is the mean over its loss-masked tokens; the schedule divides it by the
 number of microbatches, so the gradient is that of the mean of the microbatch losses over the global
 batch. MoE auxiliary losses and the MTP loss add their gradients inside megatron, as in mindspeed-models.
+
+Evaluation runs the same schedule with ``forward_only=True`` over ``eval_iters`` global batches of the
+validation split. ``--bf16`` wraps the model in megatron's ``Float16Module`` (bf16 weights and compute,
+fp32 loss) and gives the optimizer fp32 main parameters, as megatron's ``get_model`` and
+``get_megatron_optimizer`` do with ``bf16=True``.
 """
 
 from __future__ import annotations
@@ -62,17 +67,22 @@ def build_job(config: TrainConfig) -> Job:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
 
     import mindspeed_models as mm
     from mindspeed_train.optim import build_optimizer, build_scheduler
 
     layout = config.parallel
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
     spec = mm.from_hf_config(
         config.model, tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
-        expert_model_parallel_size=layout.expert, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        expert_model_parallel_size=layout.expert, params_dtype=dtype, pipeline_dtype=dtype, bf16=config.bf16,
         make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
     )  # fmt: skip
     model = mm.build_model(spec, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    if config.bf16:
+        # Casts the first stage's inputs to bf16 and the last stage's output (per-token loss) to fp32.
+        model = Float16Module(spec.config, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=config.optim.distributed_optimizer
     )
@@ -80,7 +90,7 @@ def build_job(config: TrainConfig) -> Job:
     # The schedule defers the DP reduction to the last microbatch and then finalises the grads.
     spec.config.no_sync_func = ddp.no_sync
     spec.config.finalize_model_grads_func = finalize_model_grads
-    optimizer = build_optimizer(config.optim, [ddp])
+    optimizer = build_optimizer(config.optim, [ddp], bf16=config.bf16)
     scheduler = build_scheduler(config.optim, optimizer, config.batch.global_)
     return Job(config=config, model=ddp, optimizer=optimizer, scheduler=scheduler, spec=spec)
 
@@ -130,13 +140,36 @@ def train_step(job: Job, data_iterator) -> tuple[float, float]:
     return _reduce_loss(store), float("nan") if grad_norm is None else float(grad_norm)
 
 
+def evaluate(job: Job, valid_iterator, eval_iters: int) -> float:
+    """Token-mean validation loss: the mean over ``eval_iters`` global batches (forward only, no
+    gradients) of the DP-averaged mean microbatch loss, as megatron's ``evaluate`` reports it."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch, losses = job.config.batch, []
+    job.model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(eval_iters):
+                store = get_forward_backward_func()(
+                    forward_step_func=_forward_step, data_iterator=valid_iterator, model=[job.model],
+                    num_microbatches=batch.num_microbatches, seq_length=batch.seq_length,
+                    micro_batch_size=batch.micro, forward_only=True,
+                )  # fmt: skip
+                losses.append(_reduce_loss(store))
+    finally:
+        job.model.train()
+    return sum(losses) / len(losses)
+
+
 def _current_lr(job: Job) -> float:
     return float(job.optimizer.param_groups[0]["lr"])
 
 
-def run(job: Job, data_iterator, log: MetricsLog) -> list[StepMetrics]:
-    """Train from ``job.iteration`` to ``train_iters``, saving every ``save_interval`` and at the end."""
+def run(job: Job, data_iterator, log: MetricsLog, valid_iterator=None, eval_iters: int = 0) -> list[StepMetrics]:
+    """Train from ``job.iteration`` to ``train_iters``, evaluating every ``eval.interval`` (when
+    ``valid_iterator`` is given) and saving every ``save_interval`` and at the end."""
     config, steps = job.config, []
+    interval = config.eval.interval if valid_iterator is not None and eval_iters > 0 else None
     tokens = config.batch.global_ * config.batch.seq_length
     while job.iteration < config.train_iters:
         start = time.monotonic()
@@ -144,13 +177,17 @@ def run(job: Job, data_iterator, log: MetricsLog) -> list[StepMetrics]:
         job.iteration += 1
         job.consumed_samples += config.batch.global_
         seconds = time.monotonic() - start
+        eval_loss = None
+        if interval and job.iteration % interval == 0:
+            eval_loss = evaluate(job, valid_iterator, eval_iters)
         step = StepMetrics(iteration=job.iteration, loss=loss, lr=_current_lr(job), grad_norm=grad_norm,
                            seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
-                           consumed_samples=job.consumed_samples)  # fmt: skip
+                           consumed_samples=job.consumed_samples, eval_loss=eval_loss)  # fmt: skip
         steps.append(step)
         log.record(step)
         if _should_save(config, job.iteration):
             save(job)
+    log.close()
     return steps
 
 

@@ -13,15 +13,16 @@ import torch
 from mindspeed_train.config import OptimSettings
 
 
-def build_optimizer(settings: OptimSettings, model_chunks: list, *, fp32: bool = True):
-    """``get_megatron_optimizer`` over the DDP-wrapped ``model_chunks`` (fp32 parameters and grads)."""
+def build_optimizer(settings: OptimSettings, model_chunks: list, *, bf16: bool = False):
+    """``get_megatron_optimizer`` over the DDP-wrapped ``model_chunks``: fp32 parameters, or bf16
+    parameters with fp32 main parameters (and fp32 grads) in the optimizer when ``bf16``."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
         optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
         adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
         clip_grad=settings.clip_grad, use_distributed_optimizer=settings.distributed_optimizer,
-        bf16=False, fp16=False, params_dtype=torch.float32,
+        bf16=bf16, fp16=False, params_dtype=torch.bfloat16 if bf16 else torch.float32,
     )  # fmt: skip
     return get_megatron_optimizer(config, model_chunks)
 

@@ -36,6 +36,17 @@ def build_train_dataset(data_path: tuple[str, ...], *, split: str, seq_length: i
     ``data_path``: ``PREFIX`` or ``W1 PREFIX1 W2 PREFIX2 ...`` (megatron's blend syntax); each prefix
     must have ``.bin`` and ``.idx``. Indices are cached under ``cache_dir`` (default: next to the data).
     Must be called on every rank (megatron builds the index cache on rank 0 first)."""
+    train, _ = build_datasets(data_path, split=split, seq_length=seq_length, seed=seed, num_samples=num_samples,
+                              valid_samples=0, eod=eod, vocab_size=vocab_size, cache_dir=cache_dir)  # fmt: skip
+    return train
+
+
+def build_datasets(data_path: tuple[str, ...], *, split: str, seq_length: int, seed: int, num_samples: int,
+                   valid_samples: int | None, eod: int, vocab_size: int, cache_dir: str | None = None):
+    """(train, validation) GPTDatasets of the ``split``'s first two shares, as in
+    :func:`build_train_dataset`. ``valid_samples``: samples the validation dataset must offer (0: do
+    not build it, None: one pass over its documents). The validation dataset is None when the split
+    gives it no share."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.utils import get_blend_from_list
@@ -48,10 +59,14 @@ def build_train_dataset(data_path: tuple[str, ...], *, split: str, seq_length: i
         tokenizer=_SpecialTokens(eod=eod, vocab_size=vocab_size), reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=False, create_attention_mask=False, path_to_cache=cache_dir, mmap_bin_files=True,
     )  # fmt: skip
-    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()
+    # None: megatron's one pass over the split's documents.
+    sizes = [num_samples, valid_samples or None, None]
+    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     if train is None or len(train) < num_samples:
         raise ValueError(f"--split {split!r} leaves no training samples; give the train split a share, e.g. 100,0,0")
-    return train
+    if valid is not None and valid_samples and len(valid) < valid_samples:
+        raise ValueError(f"--split {split!r}: the validation split has {len(valid)} samples, {valid_samples} needed")
+    return train, valid if valid_samples != 0 else None
 
 
 class PretrainingBatches:
