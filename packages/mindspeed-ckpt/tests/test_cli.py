@@ -26,6 +26,12 @@ def test_round_trip_through_main(make_hf, tmp_path, capsys):
     assert main(["mcore-to-hf", "--mcore-dir", str(tmp_path / "mc"), "--out", str(tmp_path / "back")]) == 0
     r = HFReader(tmp_path / "back")
     assert set(r.names) == set(t) and all(torch.equal(r.get(n), t[n]) for n in t)
+    # transformers' spelling of the shard limit: several shards plus the index
+    assert main(["mcore-to-hf", "--mcore-dir", str(tmp_path / "mc"), "--out", str(tmp_path / "sharded"),
+                 "--max-shard-size", "20KB"]) == 0  # fmt: skip
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    r = HFReader(tmp_path / "sharded")
+    assert set(r.names) == set(t) and all(torch.equal(r.get(n), t[n]) for n in t)
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -139,3 +145,13 @@ def test_python_dash_m_and_console_script(make_hf, tmp_path):
     assert set(r.names) == set(t)
     p = _run([str(script), "convert", "mcore-to-hf", "--mcore-dir", str(tmp_path / "mc"), "--out", str(tmp_path / "back")])
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--overwrite" in p.stderr
+
+
+def test_max_shard_size_spellings():
+    from mindspeed_ckpt.cli import UsageError, parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("500mb") == 500 * 10**6
+    assert parse_size("1234") == 1234 and parse_size("1.5KB") == 1500
+    for bad in ("", "GB", "5XB", "0", "-1GB"):
+        with pytest.raises(UsageError, match="--max-shard-size"):
+            parse_size(bad)

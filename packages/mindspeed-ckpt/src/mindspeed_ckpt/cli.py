@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from mindspeed_ckpt.plan import DEFAULT_SHARD_BYTES
@@ -39,6 +40,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size as transformers' ``max_shard_size`` spells it: ``5GB`` (10**9), ``2GiB`` (2**30), ``500MB``,
+    or plain bytes. UsageError naming --max-shard-size otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
+        raise UsageError(f"mindspeed convert mcore-to-hf: --max-shard-size {text!r} must be a size like 5GB, 500MB, 2GiB "
+                         "or a number of bytes >= 1")  # fmt: skip
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="mindspeed convert", description="Convert checkpoints between Hugging Face and Megatron.")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -57,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mcore-dir", required=True, help="directory with latest_checkpointed_iteration.txt")
     m.add_argument("--out", required=True, help="HF directory to create")
     m.add_argument("--hf-config", help="directory with config.json and tokenizer files (default: MCORE_DIR/hf_config)")
+    m.add_argument("--max-shard-size", help="largest safetensors shard as transformers' save_pretrained spells it "
+                   "(e.g. 5GB, 500MB, 2GiB, or bytes); wins over --max-shard-size-mb")
     m.add_argument("--max-shard-size-mb", type=int, default=DEFAULT_SHARD_BYTES // 2**20,
                    help="largest safetensors shard in MiB (default 5120)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -173,9 +191,10 @@ def run(argv: list[str]) -> int:
         return 0
     if args.max_shard_size_mb < 1:
         raise UsageError(f"mindspeed convert mcore-to-hf: --max-shard-size-mb must be >= 1; got {args.max_shard_size_mb}")
+    shard_bytes = parse_size(args.max_shard_size) if args.max_shard_size else args.max_shard_size_mb * 2**20
     out = _mcore_to_hf(args.mcore_dir, args.out, hf_config=args.hf_config, overwrite=args.overwrite,
                       lora_dir=args.lora_dir, lora_alpha=args.lora_alpha, lora_rank=args.lora_rank,
-                      max_shard_bytes=args.max_shard_size_mb * 2**20, progress=args.progress)
+                      max_shard_bytes=shard_bytes, progress=args.progress)
     print(f"wrote Hugging Face checkpoint to {out}")
     return 0
 
