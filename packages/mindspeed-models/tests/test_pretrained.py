@@ -111,6 +111,7 @@ MEGATRON_CASES = {
     "qwen2_tied_vpp2": ("qwen2", {"num_hidden_layers": 4, "tie_word_embeddings": True}, dict(pp=2, vpp=2)),
     "qwen3_moe_tp2_ep2": ("qwen3_moe", {"moe_intermediate_size": 32, **helpers.MOE_SIZES}, dict(tp=2, ep=2)),
     "mixtral_uneven_pp": ("mixtral", {"num_hidden_layers": 3, **helpers.MOE_SIZES}, dict(pp=2, num_layer_list="1,2")),
+    "qwen3_noop_layer_pp2": ("qwen3", {"num_hidden_layers": 3}, dict(pp=2, noop_layers="1")),
 }  # fmt: skip
 
 

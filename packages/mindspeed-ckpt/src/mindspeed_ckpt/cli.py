@@ -109,6 +109,8 @@ def _add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-layer-list", help="decoder layers per PP stage, comma-separated (e.g. 1,3)")
     p.add_argument("--decoder-first-pipeline-num-layers", type=int, help="layers on the first PP stage (megatron's flag)")
     p.add_argument("--decoder-last-pipeline-num-layers", type=int, help="layers on the last PP stage (megatron's flag)")
+    p.add_argument("--noop-layers", help="MindSpeed's pass-through layers (megatron layer indices, e.g. 61,62,63): "
+                   "megatron holds num_hidden_layers + their count layers; pads for an even PP split")
 
 
 def _add_reshard_parser(sub) -> None:
@@ -129,7 +131,8 @@ def _run_reshard(args: argparse.Namespace) -> int:
 
     out = reshard(args.mcore_dir, args.out, tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp,
                   num_layer_list=args.num_layer_list, decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
-                  decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers, dtype=args.dtype,
+                  decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
+                  noop_layers=args.noop_layers, dtype=args.dtype,
                   make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, hf_config=args.hf_config,
                   overwrite=args.overwrite, progress=args.progress)
     print(f"wrote Megatron checkpoint (TP={args.tp}, PP={args.pp}, VPP={args.vpp}, EP={args.ep}) to {out}")
@@ -184,7 +187,8 @@ def run(argv: list[str]) -> int:
         out = _hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp,
                           num_layer_list=args.num_layer_list,
                           decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
-                          decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers, dtype=args.dtype,
+                          decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
+                          noop_layers=args.noop_layers, dtype=args.dtype,
                           make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite,
                           progress=args.progress)
         print(f"wrote Megatron checkpoint (TP={args.tp}, PP={args.pp}, VPP={args.vpp}, EP={args.ep}) to {out}")

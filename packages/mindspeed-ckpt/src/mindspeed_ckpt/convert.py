@@ -28,7 +28,7 @@ from mindspeed_ckpt.megatron_io import RankWriter, args_get, write_tracker
 from mindspeed_ckpt.memory import bound_heap
 from mindspeed_ckpt.pipeline import WriteBehind
 from mindspeed_ckpt.placement import Grid, Slot
-from mindspeed_ckpt.plan import check_hf_names, parse_layer_list, placements, plan_grid, staging
+from mindspeed_ckpt.plan import check_hf_names, parse_layer_list, parse_noop_layers, placements, plan_grid, staging
 from mindspeed_ckpt.progress import Progress
 from mindspeed_ckpt.reader import HF_CONFIG_DIR, read_mcore
 from mindspeed_ckpt.sharding import GATE_UP, check_tp, padded_vocab_size, split_tp, tp_dim
@@ -98,7 +98,8 @@ def write_stage(tmp: Path, stage: int, items: list[tuple[maps.Rule, Slot]], sour
 
 def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1, ep: int = 1, vpp: int = 1,
                 num_layer_list: str | Sequence[int] | None = None, decoder_first_pipeline_num_layers: int | None = None,
-                decoder_last_pipeline_num_layers: int | None = None, dtype: str | None = None,
+                decoder_last_pipeline_num_layers: int | None = None, noop_layers: str | Sequence[int] | None = None,
+                dtype: str | None = None,
                 make_vocab_size_divisible_by: int = 128, overwrite: bool = False, progress: bool | None = None) -> Path:
     """Convert an HF directory into a Megatron legacy checkpoint at ``out`` (TP x PP x EP rank
     files, VPP chunks ``model0..`` when ``vpp > 1``, iteration 1) plus ``out/hf_config/``
@@ -121,7 +122,8 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 
     check_tp(dict(lay.dims), tp)
     layers = parse_layer_list(num_layer_list)
     first, last = decoder_first_pipeline_num_layers, decoder_last_pipeline_num_layers
-    grid = plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last)
+    grid = plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last,
+                     noop=parse_noop_layers(noop_layers))
     padded = padded_vocab_size(lay.dims["vocab"], make_vocab_size_divisible_by, tp)
     rule_list = maps.rules(cfg, padded_vocab_size=padded)
     check_hf_names(reader, rule_list)

@@ -37,6 +37,7 @@ from mindspeed_ckpt.plan import (
     iteration_dir,
     model_keys,
     parse_layer_list,
+    parse_noop_layers,
     placements,
     plan_grid,
     rank_dir,
@@ -291,7 +292,8 @@ def _chunks_equal(xs, ys) -> bool:
 
 def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1, ep: int = 1, vpp: int = 1,
                 num_layer_list=None, decoder_first_pipeline_num_layers: int | None = None,
-                decoder_last_pipeline_num_layers: int | None = None, dtype: str | None = None,
+                decoder_last_pipeline_num_layers: int | None = None, noop_layers=None,
+                dtype: str | None = None,
                 make_vocab_size_divisible_by: int = 128, overwrite: bool = False, progress: bool | None = None) -> Path:
     """:func:`mindspeed_ckpt.convert.hf_to_mcore` by byte copies (same arguments, checks and output).
     Raises :class:`NotFast` before writing anything when the conversion needs the torch path."""
@@ -303,7 +305,8 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 
     check_tp(dict(lay.dims), tp)
     layers = parse_layer_list(num_layer_list)
     first, last = decoder_first_pipeline_num_layers, decoder_last_pipeline_num_layers
-    grid = plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last)
+    grid = plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last,
+                     noop=parse_noop_layers(noop_layers))
     padded = padded_vocab_size(lay.dims["vocab"], make_vocab_size_divisible_by, tp)
     rule_list = maps.rules(cfg, padded_vocab_size=padded)
     check_hf_names(index, rule_list)

@@ -23,8 +23,8 @@ from typing import Any
 from mindspeed_ckpt import maps, torchfile
 from mindspeed_ckpt.bytecopy import Block, Inputs, Interleave, Piece, as_pieces, row_slice, size, write_pieces
 from mindspeed_ckpt.maps.config import model_type
-from mindspeed_ckpt.megatron_io import args_get, chunks, locate
-from mindspeed_ckpt.placement import EMBEDDING, Grid, stage_layer_counts
+from mindspeed_ckpt.megatron_io import args_get, chunks, grid_from_args, locate
+from mindspeed_ckpt.placement import EMBEDDING
 from mindspeed_ckpt.plan import (
     CONFIG,
     DEFAULT_SHARD_BYTES,
@@ -78,17 +78,8 @@ class FastCheckpoint:
             if saved is not None and saved != found:
                 raise ValueError(f"{ck.path(0, 0)}: args.{key}={saved} but the rank directories say {found}")
         lay = maps.layout(self.hf_config)
-        if args_get(args, "num_layers") not in (None, lay.num_layers):
-            raise ValueError(f"{ck.path(0, 0)}: args.num_layers={args_get(args, 'num_layers')} but config.json says "
-                             f"num_hidden_layers={lay.num_layers}; pass the matching --hf-config")
-        text = args_get(args, "num_layer_list")
-        layer_list = tuple(int(x) for x in str(text).split(",")) if text else None
-        counts = stage_layer_counts(lay.num_layers, ck.pp, layer_list=layer_list,
-                                    first=args_get(args, "decoder_first_pipeline_num_layers"),
-                                    last=args_get(args, "decoder_last_pipeline_num_layers"))
         self.vpp = len(chunks(first))
-        self.grid = Grid(counts, vpp=self.vpp, ep=ck.ep, experts=lay.dims.get("experts", 0), mtp=lay.num_mtp,
-                         tied="tied" in lay.features)
+        self.grid = grid_from_args(lay, args, pp=ck.pp, vpp=self.vpp, ep=ck.ep, where=ck.path(0, 0))
         emb = chunks(first)[0].get(EMBEDDING)
         if not isinstance(emb, StoredTensor):
             raise ValueError(f"{ck.path(0, 0)}: missing tensor {EMBEDDING!r}")

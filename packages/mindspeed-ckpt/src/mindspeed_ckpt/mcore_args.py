@@ -32,7 +32,14 @@ def _pipeline(grid: Grid, first: int | None, last: int | None, layer_list: tuple
         decoder_first_pipeline_num_layers=first, decoder_last_pipeline_num_layers=last,
         # MindSpeed's --num-layer-list spelling; our reader uses it for any uneven split
         num_layer_list=",".join(map(str, layer_list)) if layer_list else None,
+        noop_layers=",".join(map(str, grid.noop)) or None,
     )
+
+
+def _moe_layer_freq(lay: maps.Layout, grid: Grid) -> list[int]:
+    """Per megatron layer: 1 for an MoE layer (noop layers count as dense)."""
+    real = dict(zip(grid.real_layers, range(lay.num_layers), strict=True))
+    return [int(m in real and real[m] in lay.moe_layers) for m in range(sum(grid.counts))]
 
 
 def _moe(cfg: Mapping[str, Any], lay: maps.Layout, grid: Grid) -> dict[str, Any]:
@@ -43,7 +50,7 @@ def _moe(cfg: Mapping[str, Any], lay: maps.Layout, grid: Grid) -> dict[str, Any]
     return dict(
         num_experts=grid.experts, expert_model_parallel_size=grid.ep, expert_tensor_parallel_size=1,
         moe_router_topk=cfg.get("num_experts_per_tok"), moe_ffn_hidden_size=d["moe_ffn"],
-        moe_layer_freq=[int(i in lay.moe_layers) for i in range(lay.num_layers)], moe_grouped_gemm=False,
+        moe_layer_freq=_moe_layer_freq(lay, grid), moe_grouped_gemm=False,
         moe_shared_expert_intermediate_size=d.get("shared_ffn"),
         moe_shared_expert_gate=model_type(cfg) == "qwen2_moe",
         moe_router_enable_expert_bias="expert_bias" in f,
@@ -74,7 +81,7 @@ def megatron_args(cfg: Mapping[str, Any], lay: maps.Layout, *, tp: int, grid: Gr
     d, f = lay.dims, lay.features
     mla = model_type(cfg).startswith("deepseek")
     return argparse.Namespace(
-        num_layers=lay.num_layers, hidden_size=d["hidden"], ffn_hidden_size=d["ffn"], num_attention_heads=d["heads"],
+        num_layers=sum(grid.counts), hidden_size=d["hidden"], ffn_hidden_size=d["ffn"], num_attention_heads=d["heads"],
         num_query_groups=d["groups"], group_query_attention=d["groups"] != d["heads"], kv_channels=d["head_dim"],
         tensor_model_parallel_size=tp, **_pipeline(grid, first, last, layer_list), **_moe(cfg, lay, grid), **_mla(cfg),
         mtp_num_layers=lay.num_mtp or None, vocab_size=d["vocab"], padded_vocab_size=padded,

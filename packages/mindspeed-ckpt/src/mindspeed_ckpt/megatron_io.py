@@ -174,3 +174,26 @@ def _second_is_ep(step_dir: Path, read_args: Callable[[Path], Any]) -> bool:
     """Is ``NNN`` of ``mp_rank_00_NNN`` an EP rank (PP = 1, EP > 1 in the saved args)?"""
     args = read_args(step_dir / "mp_rank_00_000" / FILE)
     return args_get(args, "pipeline_model_parallel_size", 1) == 1 and args_get(args, "expert_model_parallel_size", 1) > 1
+
+
+def grid_from_args(lay, args: Any, *, pp: int, vpp: int, ep: int, where: Path):
+    """The :class:`~mindspeed_ckpt.placement.Grid` a legacy checkpoint was saved with, from its ``args``
+    (``num_layers``, ``num_layer_list`` / ``decoder_first/last_pipeline_num_layers``, ``noop_layers``)."""
+    from mindspeed_ckpt.placement import Grid, stage_layer_counts
+    from mindspeed_ckpt.plan import parse_noop_layers
+
+    noop = parse_noop_layers(args_get(args, "noop_layers"))
+    total = lay.num_layers + len(noop)
+    saved = args_get(args, "num_layers")
+    if saved is not None and saved != total:
+        raise ValueError(f"{where}: args.num_layers={saved} but config.json says num_hidden_layers={lay.num_layers}"
+                         f"{f' (+ {len(noop)} noop layers)' if noop else ''}; pass the matching --hf-config")
+    text = args_get(args, "num_layer_list")
+    try:
+        layer_list = tuple(int(x) for x in str(text).split(",")) if text else None
+    except ValueError:
+        raise ValueError(f"{where}: saved args.num_layer_list={text!r} is not a comma list of integers") from None
+    counts = stage_layer_counts(total, pp, layer_list=layer_list, first=args_get(args, "decoder_first_pipeline_num_layers"),
+                                last=args_get(args, "decoder_last_pipeline_num_layers"))
+    return Grid(counts, vpp=vpp, ep=ep, experts=lay.dims.get("experts", 0), mtp=lay.num_mtp, tied="tied" in lay.features,
+                noop=noop)  # fmt: skip

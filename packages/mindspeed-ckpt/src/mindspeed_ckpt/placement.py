@@ -10,6 +10,10 @@ its own copy of the embedding if the model has MTP layers (megatron's MTP block 
 shifted tokens there) and its own ``output_layer.weight`` if embeddings are tied (megatron
 allocates one on the last stage).
 
+Noop layers (MindSpeed's ``--noop-layers``, megatron layer indices): pass-through layers with no
+weights that pad the layer count for an even pipeline split; model layer ``i`` is the ``i``-th
+megatron layer that is not a noop one.
+
 Experts (ETP = 1): routed expert ``E`` of a layer lives on EP rank ``E // (experts / ep)`` as
 local expert ``E % (experts / ep)``; every other tensor is on every EP rank.
 """
@@ -84,9 +88,13 @@ class Grid:
     experts: int = 0
     mtp: int = 0
     tied: bool = False
+    noop: tuple[int, ...] = ()
 
     def __post_init__(self):
         n = sum(self.counts)
+        if len(set(self.noop)) != len(self.noop) or any(not 0 <= i < n for i in self.noop) or len(self.noop) >= n:
+            raise ValueError(f"--noop-layers {','.join(map(str, self.noop))}: distinct megatron layer indices in "
+                             f"0..{n - 1}, fewer than the {n} layers")
         if self.vpp < 1 or (self.vpp > 1 and (len(set(self.counts)) > 1 or self.counts[0] % self.vpp)):
             raise ValueError(f"--vpp {self.vpp} needs the same number of layers on every stage, divisible by it "
                              f"(stages hold {list(self.counts)} of num_hidden_layers={n})")
@@ -97,6 +105,11 @@ class Grid:
     @property
     def pp(self) -> int:
         return len(self.counts)
+
+    @property
+    def real_layers(self) -> tuple[int, ...]:
+        """Megatron layer index of each model layer (HF index order): every index but the noop ones."""
+        return tuple(i for i in range(sum(self.counts)) if i not in self.noop)
 
     def chunk_range(self, stage: int, chunk: int) -> range:
         """Global indices of the decoder layers in chunk ``chunk`` of stage ``stage``."""
@@ -128,7 +141,11 @@ class Grid:
         last = (self.pp - 1, self.vpp - 1)
         m = _LAYER.match(name)
         if m is not None:
-            s, c, i = self._layer_slot(int(m.group(1)))
+            real = self.real_layers
+            layer = int(m.group(1))
+            if layer >= len(real):
+                raise ValueError(f"megatron tensor for decoder layer {layer}: the model has only {len(real)} layers")
+            s, c, i = self._layer_slot(real[layer])
             ep_rank, rest = self._expert(m.group(2))
             return [Slot(s, c, ep_rank, f"decoder.layers.{i}.{rest}")]
         if name.startswith(("mtp.", "decoder.final_layernorm.", "output_layer.")):
@@ -167,4 +184,6 @@ class Grid:
         i = int(m.group(1))
         if i >= len(r):
             raise ValueError(f"stage {stage} chunk {chunk} holds layer {i} but should hold {len(r)} layers")
-        return f"decoder.layers.{r.start + i}.{m.group(2)}"
+        if r.start + i in self.noop:
+            raise ValueError(f"stage {stage} chunk {chunk} holds tensors for layer {r.start + i}, a noop layer")
+        return f"decoder.layers.{self.real_layers.index(r.start + i)}.{m.group(2)}"

@@ -155,10 +155,26 @@ def parse_layer_list(value: str | Sequence[int] | None) -> tuple[int, ...] | Non
         raise ValueError(f"--num-layer-list {value!r}: expected comma-separated layer counts, e.g. 1,3") from None
 
 
+def parse_noop_layers(value: str | Sequence[int] | None) -> tuple[int, ...]:
+    """``--noop-layers 61,62,63`` (megatron layer indices) -> sorted tuple; () when unset."""
+    if value is None or value == "":
+        return ()
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        out = tuple(sorted(int(p) for p in parts))
+    except (TypeError, ValueError):
+        raise ValueError(f"--noop-layers {value!r}: expected comma-separated layer indices, e.g. 61,62,63") from None
+    if len(set(out)) != len(out) or out[0] < 0:
+        raise ValueError(f"--noop-layers {','.join(map(str, out))}: layer indices must be distinct and >= 0")
+    return out
+
+
 def plan_grid(lay: maps.Layout, *, pp: int, vpp: int, ep: int, layer_list: tuple[int, ...] | None,
-               first: int | None, last: int | None) -> Grid:
+              first: int | None, last: int | None, noop: tuple[int, ...] = ()) -> Grid:
+    """The output grid; with ``noop`` layers megatron holds num_hidden_layers + len(noop) layers."""
     if vpp > 1 and (pp < 2 or layer_list or first is not None or last is not None):
         raise ValueError(f"--vpp {vpp} needs --pp > 1 and an even layer split (no --num-layer-list or "
                          "--decoder-first/last-pipeline-num-layers)")
-    counts = stage_layer_counts(lay.num_layers, pp, layer_list=layer_list, first=first, last=last)
-    return Grid(counts, vpp=vpp, ep=ep, experts=lay.dims.get("experts", 0), mtp=lay.num_mtp, tied="tied" in lay.features)
+    counts = stage_layer_counts(lay.num_layers + len(noop), pp, layer_list=layer_list, first=first, last=last)
+    return Grid(counts, vpp=vpp, ep=ep, experts=lay.dims.get("experts", 0), mtp=lay.num_mtp, tied="tied" in lay.features,
+                noop=noop)  # fmt: skip

@@ -23,9 +23,9 @@ import torch
 
 from mindspeed_ckpt import maps
 from mindspeed_ckpt.hf_io import CONFIG, read_json
-from mindspeed_ckpt.megatron_io import LegacyCheckpoint, args_get, chunks, locate
+from mindspeed_ckpt.megatron_io import LegacyCheckpoint, args_get, chunks, grid_from_args, locate
 from mindspeed_ckpt.memory import release_pages
-from mindspeed_ckpt.placement import EMBEDDING, Grid, stage_layer_counts
+from mindspeed_ckpt.placement import EMBEDDING
 from mindspeed_ckpt.plan import HF_CONFIG_DIR
 from mindspeed_ckpt.sharding import EXPERT, merge_tp
 
@@ -64,16 +64,8 @@ class McoreCheckpoint:
             if saved is not None and saved != found:
                 raise ValueError(f"{ck.path(0, 0)}: args.{key}={saved} but the rank directories say {found}")
         self.layout = maps.layout(hf_config)
-        saved_layers = args_get(self.args, "num_layers")
-        if saved_layers is not None and saved_layers != self.layout.num_layers:
-            raise ValueError(f"{ck.path(0, 0)}: args.num_layers={saved_layers} but config.json says "
-                             f"num_hidden_layers={self.layout.num_layers}; pass the matching --hf-config")
         vpp = len(chunks(first))
-        counts = stage_layer_counts(self.layout.num_layers, ck.pp, layer_list=_layer_list(self.args),
-                                    first=args_get(self.args, "decoder_first_pipeline_num_layers"),
-                                    last=args_get(self.args, "decoder_last_pipeline_num_layers"))
-        self.grid = Grid(counts, vpp=vpp, ep=ck.ep, experts=self.layout.dims.get("experts", 0), mtp=self.layout.num_mtp,
-                         tied="tied" in self.layout.features)
+        self.grid = grid_from_args(self.layout, self.args, pp=ck.pp, vpp=vpp, ep=ck.ep, where=ck.path(0, 0))
         emb = chunks(first)[0].get(EMBEDDING)
         if not isinstance(emb, torch.Tensor):
             raise ValueError(f"{ck.path(0, 0)}: missing tensor {EMBEDDING!r}")

@@ -30,7 +30,7 @@ from mindspeed_ckpt.lora import is_lora_key
 from mindspeed_ckpt.mcore_args import ITERATION, megatron_args
 from mindspeed_ckpt.megatron_io import args_get, write_tracker
 from mindspeed_ckpt.placement import EMBEDDING
-from mindspeed_ckpt.plan import parse_layer_list, placements, plan_grid, staging
+from mindspeed_ckpt.plan import parse_layer_list, parse_noop_layers, placements, plan_grid, staging
 from mindspeed_ckpt.progress import Progress
 from mindspeed_ckpt.reader import HF_CONFIG_DIR, McoreCheckpoint, read_mcore
 from mindspeed_ckpt.sharding import check_tp, padded_vocab_size, tp_dim
@@ -75,7 +75,8 @@ def _source(ck: McoreCheckpoint):
 
 def reshard(mcore_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1, ep: int = 1, vpp: int = 1,
             num_layer_list: str | Sequence[int] | None = None, decoder_first_pipeline_num_layers: int | None = None,
-            decoder_last_pipeline_num_layers: int | None = None, dtype: str | None = None,
+            decoder_last_pipeline_num_layers: int | None = None, noop_layers: str | Sequence[int] | None = None,
+                dtype: str | None = None,
             make_vocab_size_divisible_by: int | None = None, hf_config: str | os.PathLike | None = None,
             overwrite: bool = False, progress: bool | None = None) -> Path:
     """Rewrite the legacy checkpoint ``mcore_dir`` at ``out`` with TP ``tp``, PP ``pp`` (layer
@@ -94,7 +95,8 @@ def reshard(mcore_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1
     check_tp(dict(lay.dims), tp)
     layers = parse_layer_list(num_layer_list)
     first, last = decoder_first_pipeline_num_layers, decoder_last_pipeline_num_layers
-    grid = plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last)
+    grid = plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last,
+                     noop=parse_noop_layers(noop_layers))
     divisible_by = make_vocab_size_divisible_by or args_get(ck.args, "make_vocab_size_divisible_by") or 128
     padded = padded_vocab_size(lay.dims["vocab"], divisible_by, tp)
     rule_list = maps.rules(cfg, padded_vocab_size=padded)
