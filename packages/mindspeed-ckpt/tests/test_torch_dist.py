@@ -126,6 +126,11 @@ def test_cli_torch_dist_then_verify_and_back(tmp_path, capsys):
     _assert_same(back, tensors)
     assert main(["hf-to-mcore", "--hf-dir", str(hf), "--out", str(mc), "--format", "torch_dist"]) == 2  # exists
     assert "--overwrite" in capsys.readouterr().err
+    # LoRA merging is legacy-only: refused in one line that names what works, and nothing is written
+    assert main(["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(tmp_path / "merged"), "--lora-dir", str(hf)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lora-dir is not supported for the torch_dist" in err and "merge_and_unload" in err
+    assert not (tmp_path / "merged").exists()
 
 
 @pytest.mark.parametrize("flag", [["--tp", "2"], ["--pp", "2"], ["--ep", "2"], ["--vpp", "2"], ["--num-layer-list", "1,1"]])

@@ -177,7 +177,10 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out: str | os.PathLike, *, hf_conf
 
     if torch_dist.is_torch_dist(mcore_dir):
         if lora_dir is not None:
-            raise NotImplementedError("--lora-dir with a torch_dist checkpoint: reshard it to legacy first")
+            # reshard reads legacy checkpoints only, so there is no route through it either: say what works.
+            raise NotImplementedError(f"--lora-dir is not supported for the torch_dist checkpoint {mcore_dir}; export the "
+                                      "base with mcore-to-hf and merge a PEFT adapter with peft's merge_and_unload, or "
+                                      "convert from a legacy checkpoint")
         return torch_dist.torch_dist_to_hf(mcore_dir, out, hf_config=hf_config, overwrite=overwrite,
                                            max_shard_bytes=max_shard_bytes, progress=progress)
     bound_heap()  # peak memory follows the live tensors (see mindspeed_ckpt.memory)
