@@ -28,10 +28,10 @@ from mindspeed_ckpt.megatron_io import RankWriter, args_get, write_tracker
 from mindspeed_ckpt.memory import bound_heap
 from mindspeed_ckpt.pipeline import WriteBehind
 from mindspeed_ckpt.placement import Grid, Slot
-from mindspeed_ckpt.plan import check_hf_names, parse_layer_list, parse_noop_layers, placements, plan_grid, staging
+from mindspeed_ckpt.plan import check_hf_names, placements, plan_output, staging
 from mindspeed_ckpt.progress import Progress
 from mindspeed_ckpt.reader import HF_CONFIG_DIR, read_mcore
-from mindspeed_ckpt.sharding import GATE_UP, check_tp, padded_vocab_size, split_tp, tp_dim
+from mindspeed_ckpt.sharding import GATE_UP, split_tp, tp_dim
 
 # Pending background writes (0: write inline). 1 overlaps writes with reads on two cores, but showed no
 # measurable gain on the 2-core machine of the README table, so it is opt-in.
@@ -119,20 +119,17 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 
         # megatron has one switch (add_bias_linear) for the attention output and MLP biases
         raise NotImplementedError(f"{reader.dir / CONFIG}: attention_bias and mlp_bias differ; megatron's add_bias_linear "
                                   "covers both, so they must agree")
-    check_tp(dict(lay.dims), tp)
-    layers = parse_layer_list(num_layer_list)
-    first, last = decoder_first_pipeline_num_layers, decoder_last_pipeline_num_layers
-    grid = plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last,
-                     noop=parse_noop_layers(noop_layers))
-    padded = padded_vocab_size(lay.dims["vocab"], make_vocab_size_divisible_by, tp)
-    rule_list = maps.rules(cfg, padded_vocab_size=padded)
+    out_plan = plan_output(cfg, lay, tp=tp, pp=pp, vpp=vpp, ep=ep, num_layer_list=num_layer_list,
+                           first=decoder_first_pipeline_num_layers, last=decoder_last_pipeline_num_layers,
+                           noop_layers=noop_layers, divisible_by=make_vocab_size_divisible_by)
+    grid, padded, rule_list = out_plan.grid, out_plan.padded, out_plan.rules
     check_hf_names(reader, rule_list)
     _check_aliases(reader, rule_list)
     reader.release()
     cast = DTYPES[dtype] if dtype is not None else None
     out_dtype = cast or reader.spec(rule_list[0].hf[0])[0]
     args = megatron_args(cfg, lay, tp=tp, grid=grid, padded=padded, dtype=out_dtype, divisible_by=make_vocab_size_divisible_by,
-                         first=first, last=last, layer_list=layers)
+                         first=out_plan.first, last=out_plan.last, layer_list=out_plan.layer_list)
     plan = placements(rule_list, grid)
     per_file = [[(r, s) for r, s in items if s.ep_rank in (None, e)] for items in plan for e in range(ep)]
     itemsize = out_dtype.itemsize

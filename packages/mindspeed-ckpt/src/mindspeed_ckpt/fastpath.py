@@ -36,10 +36,8 @@ from mindspeed_ckpt.plan import (
     copy_side_files,
     iteration_dir,
     model_keys,
-    parse_layer_list,
-    parse_noop_layers,
     placements,
-    plan_grid,
+    plan_output,
     rank_dir,
     read_json,
     read_weight_map,
@@ -47,7 +45,7 @@ from mindspeed_ckpt.plan import (
     write_tracker,
 )
 from mindspeed_ckpt.progress import Progress
-from mindspeed_ckpt.sharding import GATE_UP, check_tp, padded_vocab_size, tp_dim
+from mindspeed_ckpt.sharding import GATE_UP, tp_dim
 from mindspeed_ckpt.torchfile import NotFast
 
 # Output files written at once (threads; the copies release the GIL). Two use both cores of the
@@ -302,20 +300,18 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 
     lay = maps.layout(cfg)
     if ("proj_bias" in lay.features) != ("mlp_bias" in lay.features):
         raise NotFast("attention_bias != mlp_bias")  # the torch path words this error
-    check_tp(dict(lay.dims), tp)
-    layers = parse_layer_list(num_layer_list)
-    first, last = decoder_first_pipeline_num_layers, decoder_last_pipeline_num_layers
-    grid = plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last,
-                     noop=parse_noop_layers(noop_layers))
-    padded = padded_vocab_size(lay.dims["vocab"], make_vocab_size_divisible_by, tp)
-    rule_list = maps.rules(cfg, padded_vocab_size=padded)
+    out_plan = plan_output(cfg, lay, tp=tp, pp=pp, vpp=vpp, ep=ep, num_layer_list=num_layer_list,
+                           first=decoder_first_pipeline_num_layers, last=decoder_last_pipeline_num_layers,
+                           noop_layers=noop_layers, divisible_by=make_vocab_size_divisible_by)
+    grid, padded, rule_list = out_plan.grid, out_plan.padded, out_plan.rules
     check_hf_names(index, rule_list)
     hf_dtype = index.tensors[rule_list[0].hf[0]].dtype
     if dtype is not None and {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}.get(dtype) != hf_dtype:
         raise NotFast("dtype cast")
     _check_aliases(index, rule_list)
     args = megatron_args(cfg, lay, tp=tp, grid=grid, padded=padded, dtype=torchfile.torch_dtype(hf_dtype),
-                         divisible_by=make_vocab_size_divisible_by, first=first, last=last, layer_list=layers)
+                         divisible_by=make_vocab_size_divisible_by, first=out_plan.first, last=out_plan.last,
+                         layer_list=out_plan.layer_list)
     with staging(Path(out), overwrite) as tmp:
         files = plan_files(tmp, placements(rule_list, grid), index, tp=tp, grid=grid)
         prog = Progress("hf-to-mcore", sum(len(f.tensors) for f in files),

@@ -10,11 +10,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mindspeed_ckpt import maps
 from mindspeed_ckpt.placement import Grid, Slot, stage_layer_counts
+from mindspeed_ckpt.sharding import check_tp, padded_vocab_size
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -178,3 +180,28 @@ def plan_grid(lay: maps.Layout, *, pp: int, vpp: int, ep: int, layer_list: tuple
     counts = stage_layer_counts(lay.num_layers + len(noop), pp, layer_list=layer_list, first=first, last=last)
     return Grid(counts, vpp=vpp, ep=ep, experts=lay.dims.get("experts", 0), mtp=lay.num_mtp, tied="tied" in lay.features,
                 noop=noop)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What every writer of a legacy checkpoint needs about its output layout: the grid, the
+    padded vocabulary, the rules at that padding, and the layer-split flags to record in args."""
+
+    grid: Grid
+    padded: int
+    rules: list
+    layer_list: tuple[int, ...] | None
+    first: int | None
+    last: int | None
+
+
+def plan_output(cfg: dict, lay: maps.Layout, *, tp: int, pp: int, vpp: int, ep: int, num_layer_list, first: int | None,
+                last: int | None, noop_layers, divisible_by: int) -> OutputPlan:
+    """Check ``tp`` against the model's sizes and plan the output layout (shared by hf-to-mcore on both
+    paths and reshard); ValueError naming the flag to fix."""
+    check_tp(dict(lay.dims), tp)
+    layers = parse_layer_list(num_layer_list)
+    grid = plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last,
+                     noop=parse_noop_layers(noop_layers))  # fmt: skip
+    padded = padded_vocab_size(lay.dims["vocab"], divisible_by, tp)
+    return OutputPlan(grid, padded, maps.rules(cfg, padded_vocab_size=padded), layers, first, last)

@@ -30,10 +30,10 @@ from mindspeed_ckpt.lora import is_lora_key
 from mindspeed_ckpt.mcore_args import ITERATION, megatron_args
 from mindspeed_ckpt.megatron_io import args_get, write_tracker
 from mindspeed_ckpt.placement import EMBEDDING
-from mindspeed_ckpt.plan import parse_layer_list, parse_noop_layers, placements, plan_grid, staging
+from mindspeed_ckpt.plan import placements, plan_output, staging
 from mindspeed_ckpt.progress import Progress
 from mindspeed_ckpt.reader import HF_CONFIG_DIR, McoreCheckpoint, read_mcore
-from mindspeed_ckpt.sharding import check_tp, padded_vocab_size, tp_dim
+from mindspeed_ckpt.sharding import tp_dim
 
 
 def _check_names(ck: McoreCheckpoint, rule_list: list[maps.Rule]) -> None:
@@ -92,19 +92,16 @@ def reshard(mcore_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1
         raise ValueError(f"--out {dst} is the input --mcore-dir; write the resharded checkpoint to another directory")
     ck = read_mcore(src, hf_config)
     cfg, lay = ck.hf_config, ck.layout
-    check_tp(dict(lay.dims), tp)
-    layers = parse_layer_list(num_layer_list)
-    first, last = decoder_first_pipeline_num_layers, decoder_last_pipeline_num_layers
-    grid = plan_grid(lay, pp=pp, vpp=vpp, ep=ep, layer_list=layers, first=first, last=last,
-                     noop=parse_noop_layers(noop_layers))
     divisible_by = make_vocab_size_divisible_by or args_get(ck.args, "make_vocab_size_divisible_by") or 128
-    padded = padded_vocab_size(lay.dims["vocab"], divisible_by, tp)
-    rule_list = maps.rules(cfg, padded_vocab_size=padded)
+    out_plan = plan_output(cfg, lay, tp=tp, pp=pp, vpp=vpp, ep=ep, num_layer_list=num_layer_list,
+                           first=decoder_first_pipeline_num_layers, last=decoder_last_pipeline_num_layers,
+                           noop_layers=noop_layers, divisible_by=divisible_by)
+    grid, padded, rule_list = out_plan.grid, out_plan.padded, out_plan.rules
     _check_names(ck, rule_list)
     cast = DTYPES[dtype] if dtype is not None else None
     out_dtype = cast or ck.get(EMBEDDING).dtype
     args = megatron_args(cfg, lay, tp=tp, grid=grid, padded=padded, dtype=out_dtype, divisible_by=divisible_by,
-                         first=first, last=last, layer_list=layers)
+                         first=out_plan.first, last=out_plan.last, layer_list=out_plan.layer_list)
     plan = placements(rule_list, grid)
     per_file = [(r, s) for items in plan for e in range(ep) for r, s in items if s.ep_rank in (None, e)]
     nbytes = sum(prod(r.mcore_shape) * out_dtype.itemsize // (tp if tp_dim(s.local) is not None else 1) for r, s in per_file)
