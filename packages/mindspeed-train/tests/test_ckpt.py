@@ -68,18 +68,7 @@ def test_killed_save_is_never_loaded_and_resume_continues_the_curve(tmp_path):
     th.prepare(root)
     run_world(_ckpt_world, 2, root, timeout_s=120)
     for name in VARIANTS:
-        killed = th.read(os.path.join(root, f"{name}_killed"))
-        resumed = th.read(os.path.join(root, f"{name}_resumed"))
-        assert [r["iteration"] for r in killed] == [1, 2, 3, 4]
-        assert [r["iteration"] for r in resumed] == [3, 4], "the resume must start after step 2, not the killed step 4"
-        assert killed[0]["loss"] != killed[-1]["loss"]
-        for got, want in zip(resumed, killed[2:], strict=True):
-            for key in ("loss", "grad_norm", "lr", "consumed_samples"):
-                assert got[key] == pytest.approx(want[key], rel=0, abs=1e-7), (name, key, got, want)
-        # The resumed run's own step-4 save replaced the killed one and moved the tracker.
-        ck = os.path.join(root, f"{name}_ck")
-        assert sorted(os.listdir(ck)) == ["hf_config", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
-        assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read() == "4"
+        th.check_killed_then_resumed(root, name)
     (finetune,) = th.read(os.path.join(root, "finetune"))
     fresh = th.read(os.path.join(root, "plain_killed"))[0]
     assert finetune["iteration"] == 1 and finetune["consumed_samples"] == 4 and finetune["lr"] == fresh["lr"]

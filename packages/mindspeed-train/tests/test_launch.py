@@ -35,17 +35,18 @@ def test_model_sizes_come_from_the_hf_config(root):
 
 
 def test_unimplemented_parameter_stops_the_launch(root):
-    with pytest.raises(ValueError, match="fp16 is not implemented yet"):
-        build_config(th.flags(root, root) + ["--fp16"])
+    with pytest.raises(ValueError, match="recompute_activation_function is not implemented yet"):
+        build_config(th.flags(root, root) + ["--recompute-activation-function", "--recompute-granularity", "full",
+                                             "--recompute-method", "block", "--recompute-num-layers", "1"])
 
 
 def test_eval_tensorboard_bf16_and_save_total_limit(root):
     plain = build_config(th.flags(root, root))
-    assert plain.eval.interval is None and plain.tensorboard_dir is None and not plain.bf16
+    assert plain.eval.interval is None and plain.tensorboard_dir is None and not plain.precision.bf16
     assert plain.ckpt.save_total_limit is None
     cfg = build_config(th.flags(root, root) + ["--eval-interval", "5", "--eval-iters", "3", "--tensorboard-dir", "tb",
                                                "--bf16", "--save-total-limit", "2"])  # fmt: skip
-    assert (cfg.eval.interval, cfg.eval.iters, cfg.tensorboard_dir, cfg.bf16) == (5, 3, "tb", True)
+    assert (cfg.eval.interval, cfg.eval.iters, cfg.tensorboard_dir, cfg.precision.bf16) == (5, 3, "tb", True)
     assert cfg.ckpt.save_total_limit == 2
     # the schema: an unset eval_interval follows save_interval; --eval-iters 0 turns evaluation off
     assert build_config(th.flags(root, root) + ["--save", root, "--save-interval", "7"]).eval.interval == 7

@@ -74,3 +74,22 @@ def read(out: str) -> list[dict]:
     from mindspeed_train.metrics import read_metrics
 
     return read_metrics(out)
+
+
+def check_killed_then_resumed(root: str, name: str) -> str:
+    """The kill-in-save-4 / resume-from-2 pattern of the checkpoint tests: run ``{name}_killed``
+    logged steps 1-4, ``{name}_resumed`` steps 3-4 equal to them (1e-7), and the resumed run's own
+    step-4 save replaced the killed one and moved the tracker. Returns the checkpoint directory."""
+    import pytest
+
+    killed, resumed = read(os.path.join(root, f"{name}_killed")), read(os.path.join(root, f"{name}_resumed"))
+    assert [r["iteration"] for r in killed] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in resumed] == [3, 4], "the resume must start after step 2, not the killed step 4"
+    assert killed[0]["loss"] != killed[-1]["loss"]
+    for got, want in zip(resumed, killed[2:], strict=True):
+        for key in ("loss", "grad_norm", "lr", "consumed_samples"):
+            assert got[key] == pytest.approx(want[key], rel=0, abs=1e-7), (name, key, got, want)
+    ck = os.path.join(root, f"{name}_ck")
+    assert sorted(os.listdir(ck)) == ["hf_config", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read() == "4"
+    return ck

@@ -70,6 +70,40 @@ IMPLEMENTED_BY: dict[str, frozenset[str]] = {
         "tensorboard_dir",
         "save_total_limit",
         "bf16",
+        # Issue #6, third increment: legacy checkpoints, profiling.
+        "ckpt_format",
+        "profile",
+        "profile_step_start",
+        "profile_step_end",
+        "profile_ranks",
+        "profile_save_path",
+        "profile_level",
+        "profile_with_cpu",
+        "profile_with_memory",
+        "profile_record_shapes",
+        "profile_with_stack",
+        # Issue #6: instruction data in the loop, packed (THD) batches, per-token loss.
+        "is_instruction_dataset",
+        "reset_attention_mask",
+        "variable_seq_lengths",
+        "pad_to_multiple_of",
+        "no_shuffle",
+        "calculate_per_token_loss",
+        # Issue #6: sequence parallel, fp16 with loss scaling, recomputation.
+        "sequence_parallel",
+        "fp16",
+        "loss_scale",
+        "initial_loss_scale",
+        "min_loss_scale",
+        "loss_scale_window",
+        "hysteresis",
+        "recompute_granularity",
+        "recompute_method",
+        "recompute_num_layers",
+        "recompute_norm",
+        # mindspeed train always builds megatron-core models; the flag is accepted (the
+        # recompute.norm.mcore rule asks for it) and changes nothing.
+        "use_mcore_models",
     }),
 }
 

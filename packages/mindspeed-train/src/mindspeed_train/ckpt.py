@@ -1,4 +1,5 @@
-"""torch_dist checkpoints of a training run through megatron-core's ``dist_checkpointing``.
+"""Checkpoints of a training run: torch_dist through megatron-core's ``dist_checkpointing`` (default),
+or megatron's legacy per-rank files with ``--ckpt-format torch`` (:mod:`mindspeed_train.ckpt_legacy`).
 
 Layout (megatron's): ``SAVE/iter_0000042/`` (the dist checkpoint) and
 ``SAVE/latest_checkpointed_iteration.txt``. A checkpoint is written to ``iter_0000042.tmp`` and
@@ -160,51 +161,88 @@ def prune_checkpoints(root: str, keep: int, current: int) -> list[str]:
     return doomed
 
 
-def save_checkpoint(settings: CheckpointSettings, model, optimizer, scheduler, *, iteration: int,
-                    consumed_samples: int, hf_config: dict[str, Any]) -> str:
-    """Write ``SAVE/iter_N`` on all ranks (collective). Returns its path."""
-    from megatron.core import dist_checkpointing
-
-    root, rank = settings.save, dist.get_rank()
-    final, tmp = iter_dir(root, iteration), iter_dir(root, iteration) + ".tmp"
-    if rank == 0:
+def _stage(root: str, tmp: str, hf_config: dict[str, Any]) -> None:
+    """Rank 0: a fresh staging directory and ``SAVE/hf_config/config.json``; then every rank waits."""
+    if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier, interrupted save
         os.makedirs(tmp)
         os.makedirs(os.path.join(root, "hf_config"), exist_ok=True)
         with open(os.path.join(root, "hf_config", "config.json"), "w") as handle:
             json.dump(hf_config, handle, indent=2)
     dist.barrier()
+
+
+def _publish(settings: CheckpointSettings, tmp: str, final: str, iteration: int) -> None:
+    """After every rank wrote its share into ``tmp``: rank 0 renames it to ``final``, moves the
+    tracker and prunes (``--save-total-limit``)."""
+    dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
+    if dist.get_rank() == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        _commit(tmp, final, settings.save, iteration)
+        if settings.save_total_limit:
+            prune_checkpoints(settings.save, settings.save_total_limit, iteration)
+    dist.barrier()
+
+
+def _save_torch_dist(tmp: str, settings: CheckpointSettings, model, optimizer, scheduler, *, iteration: int,
+                     consumed_samples: int) -> None:
+    from megatron.core import dist_checkpointing
+
     state = _sharded_state(model, optimizer, with_optim=settings.save_optim, with_rng=settings.save_rng, is_loading=False)
     state.update(iteration=iteration, consumed_samples=consumed_samples, checkpoint_version=3.0,
                  opt_param_scheduler=scheduler.state_dict(), adam_step=_adam_step(optimizer))  # fmt: skip
     dist_checkpointing.save(state, tmp)
-    dist.barrier()  # every rank's shards are on disk before the checkpoint becomes visible
-    if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        _commit(tmp, final, root, iteration)
-        if settings.save_total_limit:
-            prune_checkpoints(root, settings.save_total_limit, iteration)
-    dist.barrier()
+
+
+def save_checkpoint(settings: CheckpointSettings, model, optimizer, scheduler, *, iteration: int,
+                    consumed_samples: int, hf_config: dict[str, Any]) -> str:
+    """Write ``SAVE/iter_N`` on all ranks (collective) in ``settings.format``: ``torch_dist`` here,
+    ``torch`` (megatron's legacy per-rank files) in :mod:`mindspeed_train.ckpt_legacy`. Returns its path."""
+    final = iter_dir(settings.save, iteration)
+    tmp = final + ".tmp"
+    _stage(settings.save, tmp, hf_config)
+    if settings.format == "torch":
+        from mindspeed_train import ckpt_legacy
+
+        ckpt_legacy.save(tmp, settings, model, optimizer, scheduler, iteration=iteration, consumed_samples=consumed_samples)
+    else:
+        _save_torch_dist(tmp, settings, model, optimizer, scheduler, iteration=iteration, consumed_samples=consumed_samples)
+    _publish(settings, tmp, final, iteration)
     return final
 
 
 def load_checkpoint(settings: CheckpointSettings, model, optimizer, scheduler) -> Loaded | None:
     """Restore from ``LOAD``'s latest committed checkpoint; None when there is none (fresh start).
-    ``--finetune`` loads the model only and restarts at iteration 0."""
-    from megatron.core import dist_checkpointing
-
+    The format is read from the directory, whatever ``--ckpt-format`` says (as megatron does):
+    ``metadata.json`` means torch_dist, ``mp_rank_*`` directories mean legacy. ``--finetune`` loads the
+    model only and restarts at iteration 0."""
     iteration = latest_iteration(settings.load)
     if iteration is None:
         return None
     path = iter_dir(settings.load, iteration)
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise ValueError(f"--load {settings.load}: {path} is not a torch_dist checkpoint (no metadata.json)")
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return _load_torch_dist(path, settings, model, optimizer, scheduler)
+    from mindspeed_train import ckpt_legacy
+
+    if ckpt_legacy.is_legacy(path):
+        it, consumed = ckpt_legacy.load(path, settings, model, optimizer, scheduler)
+        return Loaded(iteration=it, consumed_samples=consumed)
+    raise ValueError(f"--load {settings.load}: {path} is neither a torch_dist checkpoint (metadata.json) nor a legacy "
+                     "one (mp_rank_* directories); point --load at a checkpoint directory")  # fmt: skip
+
+
+def _load_torch_dist(path: str, settings: CheckpointSettings, model, optimizer, scheduler) -> Loaded:
+    from megatron.core import dist_checkpointing
+
     with_optim = settings.load_optim and not settings.finetune
     with_rng = settings.load_rng and not settings.finetune
     state = _sharded_state(model, optimizer, with_optim=with_optim, with_rng=with_rng, is_loading=True)
     loaded = dist_checkpointing.load(state, path)
     model.module.load_state_dict(loaded["model"])
+    if not with_optim:
+        with torch.no_grad():  # main (fp32) parameters of a bf16 model follow the loaded weights, as in megatron
+            optimizer.reload_model_params()
     if settings.finetune:
         return Loaded(iteration=0, consumed_samples=0)
     if with_optim:

@@ -23,7 +23,13 @@ TRAIN_PARAMETERS = frozenset({
     "save", "save_interval", "load", "no_load_optim", "no_save_optim", "no_load_rng", "no_save_rng", "finetune",
     "log_interval", "num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
     "num_experts",
-    "eval_interval", "eval_iters", "tensorboard_dir", "save_total_limit", "bf16",
+    "eval_interval", "eval_iters", "tensorboard_dir", "save_total_limit", "bf16", "ckpt_format",
+    "profile", "profile_step_start", "profile_step_end", "profile_ranks", "profile_save_path", "profile_level",
+    "profile_with_cpu", "profile_with_memory", "profile_record_shapes", "profile_with_stack",
+    "is_instruction_dataset", "neat_pack", "reset_attention_mask", "variable_seq_lengths", "pad_to_multiple_of", "no_shuffle",
+    "calculate_per_token_loss", "sequence_parallel", "fp16", "loss_scale", "initial_loss_scale", "min_loss_scale",
+    "loss_scale_window", "hysteresis", "recompute_granularity", "recompute_method", "recompute_num_layers",
+    "recompute_norm", "use_mcore_models",
 })  # fmt: skip
 
 
@@ -38,6 +44,47 @@ class ParallelSettings:
     expert: int
     data: int
     world: int
+    sequence_parallel: bool = False  # megatron's SP: activations outside TP regions split over the sequence
+
+
+@dataclass(frozen=True)
+class PrecisionSettings:
+    """``bf16``/``fp16`` compute (megatron's Float16Module) with fp32 main parameters in the
+    optimizer; fp16 scales the loss: a fixed ``loss_scale``, else megatron's dynamic scaler (start
+    ``initial_loss_scale``, halve after ``hysteresis`` overflowing steps, which are skipped, double
+    after ``loss_scale_window`` clean ones, never below ``min_loss_scale``)."""
+
+    bf16: bool = False
+    fp16: bool = False
+    loss_scale: float | None = None
+    initial_loss_scale: float = 2.0**32
+    min_loss_scale: float = 1.0
+    loss_scale_window: float = 1000.0
+    hysteresis: int = 2
+
+
+@dataclass(frozen=True)
+class RecomputeSettings:
+    """Activation recomputation, as megatron-core's TransformerConfig takes it: ``granularity``
+    "full" (whole layers; ``method`` uniform/block over ``num_layers``) or "selective" (megatron's
+    default module: core attention); ``norm`` recomputes the layer norms (selective "layernorm")."""
+
+    granularity: str | None = None
+    method: str | None = None
+    num_layers: int | None = None
+    norm: bool = False
+
+    def megatron_kwargs(self) -> dict:
+        """The TransformerConfig fields for these settings."""
+        if self.norm and self.granularity is not None:
+            raise ValueError("--recompute-norm together with --recompute-granularity is not implemented (megatron-core "
+                             "recomputes norms only in selective mode); drop one of them")  # fmt: skip
+        if self.norm:
+            return {"recompute_granularity": "selective", "recompute_modules": ["layernorm"]}
+        if self.granularity is None:
+            return {}
+        return {"recompute_granularity": self.granularity, "recompute_method": self.method,
+                "recompute_num_layers": self.num_layers}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,6 +129,46 @@ class CheckpointSettings:
     save_rng: bool
     finetune: bool
     save_total_limit: int | None = None  # keep only the newest N iter_* directories (None: all)
+    format: str = "torch_dist"  # ckpt_format: "torch_dist" (megatron dist_checkpointing) or "torch" (legacy)
+
+
+CKPT_FORMATS = ("torch_dist", "torch")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What the samples are and how a microbatch is laid out.
+
+    ``instruction``: `mindspeed preprocess` instruction output (``--is-instruction-dataset``), else
+    pretraining documents. ``packed``: rows are fed as THD sequences with ``cu_seqlens`` so packed
+    samples (neat-pack segments; pretraining documents split at EOD with ``--reset-attention-mask``)
+    never attend to each other. ``variable``: instruction rows padded to the longest sample of the
+    microbatch rounded up to ``pad_to_multiple_of`` instead of ``seq_length``."""
+
+    instruction: bool = False
+    packed: bool = False
+    variable: bool = False
+    pad_to_multiple_of: int = 8
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """torch.profiler over the iterations with 0-based index in ``[step_start, step_end)`` (megatron's
+    convention: the 1-based iterations ``step_start + 1 .. step_end``; ``step_end`` -1: to the end)
+    on ``ranks`` (-1 in it: every rank); traces go to ``save_path``. ``level`` (level_none/level0/1/2)
+    chooses how much the profiler records (see :mod:`mindspeed_train.profiling`)."""
+
+    enabled: bool = False
+    step_start: int = 10
+    step_end: int = 12
+    ranks: tuple[int, ...] = (-1,)
+    save_path: str = "./profile_dir"
+    level: str = "level0"
+    with_cpu: bool = False
+    with_memory: bool = False
+    record_shapes: bool = False
+    with_stack: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,7 +199,11 @@ class TrainConfig:
     ckpt: CheckpointSettings
     eval: EvalSettings = EvalSettings(interval=None, iters=0)
     tensorboard_dir: str | None = None
-    bf16: bool = False  # megatron's Float16Module (bf16 compute) + fp32 main params in the optimizer
+    precision: PrecisionSettings = PrecisionSettings()
+    recompute: RecomputeSettings = RecomputeSettings()
+    profile: ProfileSettings = ProfileSettings()
+    data: DataSettings = DataSettings()
+    per_token_loss: bool = False  # --calculate-per-token-loss: the global batch's token mean
 
     @classmethod
     def from_args(cls, cfg: Any, *, model: str, output_dir: str | None, world_size: int,
@@ -135,7 +226,8 @@ class TrainConfig:
             make_vocab_size_divisible_by=get("make_vocab_size_divisible_by"),
             output_dir=output_dir or save or os.path.join(os.getcwd(), "output"),
             tokenizer=get("tokenizer_name_or_path"),
-            parallel=ParallelSettings(tensor=tp, pipeline=pp, expert=ep, data=dp, world=world_size),
+            parallel=ParallelSettings(tensor=tp, pipeline=pp, expert=ep, data=dp, world=world_size,
+                                      sequence_parallel=bool(get("sequence_parallel"))),
             batch=BatchSettings(micro=micro, global_=global_, seq_length=_seq_length(get),
                                 num_microbatches=global_ // (micro * dp)),
             optim=_optim(get),
@@ -143,9 +235,13 @@ class TrainConfig:
                 save=save, save_interval=get("save_interval"), load=get("load"),
                 load_optim=not get("no_load_optim"), save_optim=not get("no_save_optim"),
                 load_rng=not get("no_load_rng"), save_rng=not get("no_save_rng"), finetune=bool(get("finetune")),
-                save_total_limit=save_total_limit,
+                save_total_limit=save_total_limit, format=_ckpt_format(get),
             ),
-            eval=_eval(get), tensorboard_dir=get("tensorboard_dir"), bf16=bool(get("bf16")),
+            eval=_eval(get), tensorboard_dir=get("tensorboard_dir"), precision=_precision(get),
+            recompute=RecomputeSettings(granularity=get("recompute_granularity"), method=get("recompute_method"),
+                                        num_layers=get("recompute_num_layers"), norm=bool(get("recompute_norm"))),
+            profile=_profile(get),
+            data=_data(get), per_token_loss=bool(get("calculate_per_token_loss")),
         )  # fmt: skip
 
 
@@ -162,6 +258,46 @@ def _eval(get) -> EvalSettings:
     if iters is None or iters < -1:
         raise ValueError(f"--eval-iters {iters!r} is invalid; pass a positive count, 0 (off) or -1 (whole split)")
     return EvalSettings(interval=interval if iters != 0 else None, iters=iters)
+
+
+def _precision(get) -> PrecisionSettings:
+    return PrecisionSettings(bf16=bool(get("bf16")), fp16=bool(get("fp16")), loss_scale=get("loss_scale"),
+                             initial_loss_scale=get("initial_loss_scale"), min_loss_scale=get("min_loss_scale"),
+                             loss_scale_window=get("loss_scale_window"), hysteresis=get("hysteresis"))  # fmt: skip
+
+
+def _data(get) -> DataSettings:
+    instruction = bool(get("is_instruction_dataset"))
+    packed = bool(get("reset_attention_mask")) or (instruction and bool(get("neat_pack")))
+    if get("no_shuffle") and not instruction:
+        raise ValueError("--no-shuffle is implemented for instruction data only (megatron's GPTDataset always "
+                         "shuffles); drop it or pass --is-instruction-dataset")  # fmt: skip
+    if get("variable_seq_lengths") and (packed or not instruction):
+        raise ValueError("--variable-seq-lengths pads instruction samples per microbatch; it needs "
+                         "--is-instruction-dataset and no packing (--neat-pack/--reset-attention-mask)")  # fmt: skip
+    multiple = get("pad_to_multiple_of")
+    if multiple is None or multiple < 1:
+        raise ValueError(f"--pad-to-multiple-of {multiple!r} must be >= 1")
+    return DataSettings(instruction=instruction, packed=packed, variable=bool(get("variable_seq_lengths")),
+                        pad_to_multiple_of=multiple, shuffle=not get("no_shuffle"))  # fmt: skip
+
+
+def _ckpt_format(get) -> str:
+    fmt = get("ckpt_format") or "torch_dist"
+    if fmt not in CKPT_FORMATS:
+        raise ValueError(f"--ckpt-format {fmt} is not implemented by mindspeed train; use torch_dist or torch")
+    return fmt
+
+
+def _profile(get) -> ProfileSettings:
+    ranks = get("profile_ranks")
+    return ProfileSettings(
+        enabled=bool(get("profile")), step_start=get("profile_step_start"), step_end=get("profile_step_end"),
+        ranks=tuple(ranks) if ranks is not None else (-1,), save_path=get("profile_save_path") or "./profile_dir",
+        level=get("profile_level") or "level0", with_cpu=bool(get("profile_with_cpu")),
+        with_memory=bool(get("profile_with_memory")), record_shapes=bool(get("profile_record_shapes")),
+        with_stack=bool(get("profile_with_stack")),
+    )  # fmt: skip
 
 
 def _seq_length(get) -> int:

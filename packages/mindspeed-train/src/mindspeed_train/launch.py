@@ -195,42 +195,16 @@ def train(argv: Sequence[str]) -> list:
     config = build_config(argv)  # before any process group or megatron import: bad input fails fast
     _init_distributed()
     from mindspeed_train import loop
+    from mindspeed_train.data.loaders import build_loaders
     from mindspeed_train.metrics import MetricsLog
 
     loop.init_parallel(config)
     job = loop.build_job(config)
     loop.resume(job)
-    train_data, valid_data, eval_iters = _data(config, job, _eod(config, dict(job.spec.hf_config)))
+    train_data, valid_data, eval_iters = build_loaders(config, job, _eod(config, dict(job.spec.hf_config)))
     log = MetricsLog(config.output_dir, train_iters=config.train_iters, log_interval=config.log_interval,
                      enabled=dist.get_rank() == 0, tensorboard_dir=config.tensorboard_dir)  # fmt: skip
     return loop.run(job, train_data, log, valid_iterator=valid_data, eval_iters=eval_iters)
-
-
-def _data(config: TrainConfig, job, eod: int):
-    """(train iterator, validation iterator or None, eval iterations). Both resume where the
-    checkpoint left them: training after ``consumed_samples``, validation after the evaluations
-    already run (megatron's rule: iteration // eval_interval evaluations of eval_iters batches)."""
-    from megatron.core import parallel_state as ps
-
-    from mindspeed_train.data.gpt import build_datasets, make_loader
-
-    batch, interval, iters = config.batch, config.eval.interval, config.eval.iters
-    # megatron sizes the validation set for every evaluation plus one; -1: one pass over the split.
-    evals = config.train_iters // interval + 1 if interval else 0
-    valid_samples = (None if iters == -1 else evals * iters * batch.global_) if interval else 0
-    train, valid = build_datasets(
-        config.data_path, split=config.split, seq_length=batch.seq_length, seed=config.seed,
-        num_samples=config.train_iters * batch.global_, valid_samples=valid_samples, eod=eod,
-        vocab_size=job.spec.vocab_size,
-    )  # fmt: skip
-    dp = {"micro": batch.micro, "dp_rank": ps.get_data_parallel_rank(), "dp_size": ps.get_data_parallel_world_size()}
-    train_data = make_loader(train, consumed=job.consumed_samples, **dp)
-    if iters == -1 and valid is not None:
-        iters = len(valid) // (evals * batch.global_)  # the schema: no evaluation when the split is too small
-    if valid is None or iters <= 0:
-        return train_data, None, 0
-    consumed = (job.iteration // interval) * iters * batch.global_
-    return train_data, make_loader(valid, consumed=consumed, **dp), iters
 
 
 def _reexec_torchrun(nproc: int, argv: Sequence[str]) -> None:

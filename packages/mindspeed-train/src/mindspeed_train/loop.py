@@ -19,6 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from mindspeed_train import ckpt
 from mindspeed_train.config import TrainConfig
 from mindspeed_train.metrics import MetricsLog, StepMetrics
+from mindspeed_train.profiling import TrainProfiler
 
 
 @dataclass
@@ -72,16 +74,21 @@ def build_job(config: TrainConfig) -> Job:
     import mindspeed_models as mm
     from mindspeed_train.optim import build_optimizer, build_scheduler
 
-    layout = config.parallel
-    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    layout, precision = config.parallel, config.precision
+    dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else torch.float32
     spec = mm.from_hf_config(
         config.model, tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
-        expert_model_parallel_size=layout.expert, params_dtype=dtype, pipeline_dtype=dtype, bf16=config.bf16,
+        expert_model_parallel_size=layout.expert, sequence_parallel=layout.sequence_parallel, params_dtype=dtype,
+        pipeline_dtype=dtype, bf16=precision.bf16, fp16=precision.fp16,
         make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
+        calculate_per_token_loss=config.per_token_loss,
+        # pipeline stages exchange each microbatch's shape first (megatron's p2p) only when it varies
+        variable_seq_lengths=config.data.variable and layout.pipeline > 1,
+        **config.recompute.megatron_kwargs(),
     )  # fmt: skip
     model = mm.build_model(spec, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
-    if config.bf16:
-        # Casts the first stage's inputs to bf16 and the last stage's output (per-token loss) to fp32.
+    if dtype != torch.float32:
+        # Casts the first stage's inputs to bf16/fp16 and the last stage's output (per-token loss) to fp32.
         model = Float16Module(spec.config, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=config.optim.distributed_optimizer
@@ -90,75 +97,126 @@ def build_job(config: TrainConfig) -> Job:
     # The schedule defers the DP reduction to the last microbatch and then finalises the grads.
     spec.config.no_sync_func = ddp.no_sync
     spec.config.finalize_model_grads_func = finalize_model_grads
-    optimizer = build_optimizer(config.optim, [ddp], bf16=config.bf16)
+    optimizer = build_optimizer(config.optim, [ddp], precision)
+    # megatron scales the loss (and the MoE/MTP auxiliary losses) by the fp16 loss scale
+    spec.config.grad_scale_func = optimizer.scale_loss if precision.fp16 else None
     scheduler = build_scheduler(config.optim, optimizer, config.batch.global_)
     return Job(config=config, model=ddp, optimizer=optimizer, scheduler=scheduler, spec=spec)
 
 
-def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Token-mean loss of one microbatch over its loss mask."""
+def _loss_func(loss_mask: torch.Tensor, per_token: bool, output: torch.Tensor):
+    """Loss of one microbatch over its loss mask: the token mean, or with ``per_token``
+    (``--calculate-per-token-loss``) the token sum and count, which megatron sums over the global
+    batch and divides by the total count (``finalize_model_grads`` scales the gradients)."""
     mask = loss_mask.reshape(-1).float()
-    loss = torch.sum(output.reshape(-1).float() * mask) / mask.sum().clamp(min=1)
+    total = torch.sum(output.reshape(-1).float() * mask)
+    if per_token:
+        count = mask.sum().to(torch.int)
+        return total, count, {"lm loss": torch.stack([total.detach(), count.float()])}
+    loss = total / mask.sum().clamp(min=1)
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"])
+def _packed_inputs(batch: dict) -> tuple[dict, object]:
+    """A batch with ``segments`` as one THD row (``[1, micro x S]``) and its PackedSeqParams, so
+    attention stays inside each segment (megatron's packed-sequence path)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from mindspeed_train.data.sft import thd_layout
+
+    cu, longest = thd_layout(batch["segments"])
+    flat = {key: value.reshape(1, -1) for key, value in batch.items() if key != "segments"}
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                             max_seqlen_kv=longest)  # fmt: skip
+    return flat, params
+
+
+def _forward_step(per_token: bool, data_iterator, model):
+    batch, packed = next(data_iterator), None
+    if "segments" in batch:
+        batch, packed = _packed_inputs(batch)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
+    return output, partial(_loss_func, batch["loss_mask"], per_token)
 
 
 def _reduce_loss(store: list[dict]) -> float:
-    """Mean of the microbatch losses, averaged over the DP group; only the last pipeline stage has
-    them, so a sum over the PP group hands the value to every rank."""
+    """The step's loss for the log: the mean of the microbatch losses averaged over the DP group
+    (per-token loss: total masked-token loss / total tokens over the global batch). Only the last
+    pipeline stage has them, so a sum over the PP group hands the value to every rank."""
     from megatron.core import parallel_state as ps
 
-    total = torch.stack([entry["lm loss"] for entry in store]).mean() if store else torch.zeros(())
-    total = total.reshape(1).double() / ps.get_data_parallel_world_size()
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    if store and store[0]["lm loss"].numel() == 2:
+        pair = torch.stack([entry["lm loss"] for entry in store]).sum(dim=0).double()
+        dist.all_reduce(pair, group=ps.get_data_parallel_group())
+        total = (pair[0] / pair[1].clamp(min=1)).reshape(1)
+    else:
+        total = torch.stack([entry["lm loss"] for entry in store]).mean() if store else torch.zeros(())
+        total = total.reshape(1).double() / ps.get_data_parallel_world_size()
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
     dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     return float(total.item())
 
 
-def train_step(job: Job, data_iterator) -> tuple[float, float]:
-    """One optimizer step over the global batch; returns (loss, grad norm before clipping)."""
+def _schedule(job: Job, data_iterator, forward_only: bool) -> list[dict]:
+    """megatron's forward/backward schedule over one global batch. Packed (THD) microbatches
+    travel between pipeline stages as ``[micro x S, 1, H]``."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch = job.config.batch
+    seq, micro = (batch.seq_length * batch.micro, 1) if job.config.data.packed else (batch.seq_length, batch.micro)
+    step = partial(_forward_step, job.config.per_token_loss)
+    return get_forward_backward_func()(
+        forward_step_func=step, data_iterator=data_iterator, model=[job.model], num_microbatches=batch.num_microbatches,
+        seq_length=seq, micro_batch_size=micro, forward_only=forward_only,
+    )  # fmt: skip
+
+
+class StepResult(NamedTuple):
+    """What one optimizer step reports: the logged loss, the grad norm before clipping (nan when
+    clipping is off and megatron skips the norm), and for fp16 the loss scale and whether the
+    update was skipped because the scaled gradients overflowed."""
+
+    loss: float
+    grad_norm: float
+    loss_scale: float | None = None
+    skipped: bool = False
+
+
+def train_step(job: Job, data_iterator) -> StepResult:
+    """One optimizer step over the global batch. An overflowing fp16 step is skipped as megatron
+    does (no update, no scheduler step; the iteration still counts); a failed update in bf16/fp32
+    is an error."""
     job.model.zero_grad_buffer()
     job.optimizer.zero_grad()
-    store = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=data_iterator, model=[job.model],
-        num_microbatches=batch.num_microbatches, seq_length=batch.seq_length, micro_batch_size=batch.micro,
-        forward_only=False,
-    )  # fmt: skip
+    store = _schedule(job, data_iterator, forward_only=False)
     ok, grad_norm, _ = job.optimizer.step()
-    if not ok:
+    fp16 = job.config.precision.fp16
+    if not ok and not fp16:
         raise RuntimeError(f"iteration {job.iteration + 1}: the optimizer step failed (non-finite gradients)")
-    job.scheduler.step(increment=batch.global_)
-    # grad_norm is None when clipping is off (--clip-grad 0): megatron then skips the norm.
-    return _reduce_loss(store), float("nan") if grad_norm is None else float(grad_norm)
+    if ok:
+        job.scheduler.step(increment=job.config.batch.global_)
+    return StepResult(loss=_reduce_loss(store), grad_norm=float("nan") if grad_norm is None else float(grad_norm),
+                      loss_scale=float(job.optimizer.get_loss_scale()) if fp16 else None, skipped=not ok)  # fmt: skip
 
 
 def evaluate(job: Job, valid_iterator, eval_iters: int) -> float:
     """Token-mean validation loss: the mean over ``eval_iters`` global batches (forward only, no
     gradients) of the DP-averaged mean microbatch loss, as megatron's ``evaluate`` reports it."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    batch, losses = job.config.batch, []
+    losses = []
     job.model.eval()
     try:
         with torch.no_grad():
             for _ in range(eval_iters):
-                store = get_forward_backward_func()(
-                    forward_step_func=_forward_step, data_iterator=valid_iterator, model=[job.model],
-                    num_microbatches=batch.num_microbatches, seq_length=batch.seq_length,
-                    micro_batch_size=batch.micro, forward_only=True,
-                )  # fmt: skip
-                losses.append(_reduce_loss(store))
+                losses.append(_reduce_loss(_schedule(job, valid_iterator, forward_only=True)))
     finally:
         job.model.train()
     return sum(losses) / len(losses)
+
+
+def _peak_memory_mb() -> float:
+    from mindspeed_kernels import accelerator
+
+    return accelerator.memory_stats().peak_bytes / 2**20
 
 
 def _current_lr(job: Job) -> float:
@@ -171,24 +229,35 @@ def run(job: Job, data_iterator, log: MetricsLog, valid_iterator=None, eval_iter
     config, steps = job.config, []
     interval = config.eval.interval if valid_iterator is not None and eval_iters > 0 else None
     tokens = config.batch.global_ * config.batch.seq_length
+    profiler = TrainProfiler(config.profile, dist.get_rank(), start_iteration=job.iteration)
+    try:
+        _loop(job, data_iterator, log, valid_iterator, eval_iters, interval, tokens, profiler, steps)
+    finally:
+        profiler.close()
+    log.close()
+    return steps
+
+
+def _loop(job, data_iterator, log, valid_iterator, eval_iters, interval, tokens, profiler, steps) -> None:
+    config = job.config
     while job.iteration < config.train_iters:
         start = time.monotonic()
-        loss, grad_norm = train_step(job, data_iterator)
+        result = train_step(job, data_iterator)
         job.iteration += 1
         job.consumed_samples += config.batch.global_
         seconds = time.monotonic() - start
         eval_loss = None
         if interval and job.iteration % interval == 0:
             eval_loss = evaluate(job, valid_iterator, eval_iters)
-        step = StepMetrics(iteration=job.iteration, loss=loss, lr=_current_lr(job), grad_norm=grad_norm,
+        step = StepMetrics(iteration=job.iteration, loss=result.loss, lr=_current_lr(job), grad_norm=result.grad_norm,
                            seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
-                           consumed_samples=job.consumed_samples, eval_loss=eval_loss)  # fmt: skip
+                           consumed_samples=job.consumed_samples, eval_loss=eval_loss, memory_mb=_peak_memory_mb(),
+                           loss_scale=result.loss_scale, skipped=result.skipped)  # fmt: skip
         steps.append(step)
         log.record(step)
         if _should_save(config, job.iteration):
             save(job)
-    log.close()
-    return steps
+        profiler.step(job.iteration)  # after the save, where megatron stops its profiler
 
 
 def _should_save(config: TrainConfig, iteration: int) -> bool:

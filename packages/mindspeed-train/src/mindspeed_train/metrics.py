@@ -35,6 +35,9 @@ class StepMetrics:
     tokens_per_s: float
     consumed_samples: int
     eval_loss: float | None = None  # token-mean validation loss when this step evaluated, else None
+    memory_mb: float | None = None  # peak device memory (accelerator) or peak RSS (CPU) of this rank, MiB
+    loss_scale: float | None = None  # fp16 only: the loss scale after the step
+    skipped: bool = False  # fp16 only: the gradients overflowed, the update was skipped
 
 
 class MetricsLog:
@@ -79,7 +82,7 @@ class MetricsLog:
         eta = per_iter * (self.train_iters - step.iteration)
         return (f"iteration {step.iteration:>6}/{self.train_iters} | loss {step.loss:.6f} | lr {step.lr:.3e} | "
                 f"grad norm {step.grad_norm:.4f} | tokens/s {step.tokens_per_s:,.0f} | s/iter {step.seconds:.3f} | "
-                f"ETA {_clock(eta)}" + ("" if step.eval_loss is None else f" | eval loss {step.eval_loss:.6f}"))  # fmt: skip
+                f"ETA {_clock(eta)}" + _extras(step))  # fmt: skip
 
     def close(self) -> None:
         """Flush TensorBoard and draw the loss curve of the whole metrics file (a resumed run's too)."""
@@ -90,6 +93,15 @@ class MetricsLog:
             self._writer = None
         if os.path.isfile(self.path):
             write_loss_curve(read_metrics(self.output_dir), os.path.join(self.output_dir, LOSS_CURVE_FILE))
+
+
+def _extras(step: StepMetrics) -> str:
+    parts = [] if step.memory_mb is None else [f"mem {step.memory_mb:,.0f} MiB"]
+    if step.loss_scale is not None:
+        parts.append(f"loss scale {step.loss_scale:.0f}" + (" (skipped)" if step.skipped else ""))
+    if step.eval_loss is not None:
+        parts.append(f"eval loss {step.eval_loss:.6f}")
+    return "".join(f" | {part}" for part in parts)
 
 
 def _clock(seconds: float) -> str:

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import torch
 
-from mindspeed_train.config import OptimSettings
+from mindspeed_train.config import OptimSettings, PrecisionSettings
 
 
-def build_optimizer(settings: OptimSettings, model_chunks: list, *, bf16: bool = False):
-    """``get_megatron_optimizer`` over the DDP-wrapped ``model_chunks``: fp32 parameters, or bf16
-    parameters with fp32 main parameters (and fp32 grads) in the optimizer when ``bf16``."""
+def build_optimizer(settings: OptimSettings, model_chunks: list, precision: PrecisionSettings | None = None):
+    """``get_megatron_optimizer`` over the DDP-wrapped ``model_chunks``: fp32 parameters, or
+    bf16/fp16 parameters with fp32 main parameters (and fp32 grads) in the optimizer; fp16 with
+    megatron's constant or dynamic loss scaler (see :class:`PrecisionSettings`)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    precision = precision or PrecisionSettings()
+    dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else torch.float32
     config = OptimizerConfig(
         optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
         adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
         clip_grad=settings.clip_grad, use_distributed_optimizer=settings.distributed_optimizer,
-        bf16=bf16, fp16=False, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=precision.bf16, fp16=precision.fp16, params_dtype=dtype, loss_scale=precision.loss_scale,
+        initial_loss_scale=precision.initial_loss_scale, min_loss_scale=precision.min_loss_scale,
+        loss_scale_window=precision.loss_scale_window, hysteresis=precision.hysteresis,
     )  # fmt: skip
     return get_megatron_optimizer(config, model_chunks)
 

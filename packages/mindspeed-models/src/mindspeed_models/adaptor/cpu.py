@@ -194,6 +194,18 @@ def _norm_new_factory(original):
     return staticmethod(__new__)
 
 
+def _checkpoint_init_factory(original):
+    """``CheckpointWithoutOutput.__init__`` that takes the TE FP8 path only for a truthy ``fp8``
+    when transformer_engine is importable (megatron tests ``fp8 is not None``, so False counts)."""
+    import megatron.core.tensor_parallel.random as random_module
+
+    def __init__(self, fp8=False):
+        original(self, fp8=fp8)
+        self.fp8 = bool(fp8) and bool(getattr(random_module, "HAVE_TE", False))
+
+    return __init__
+
+
 def copy_config(config, **changes):
     """A shallow copy of a (dataclass) config with ``changes``, without re-running validation."""
     out = copy.copy(config)
@@ -207,6 +219,7 @@ def copy_config(config, **changes):
 SHARED_REPLACEMENTS = {
     ("transformer.torch_norm", "WrappedTorchNorm.__new__"): _norm_new_factory,
     ("transformer.moe.moe_utils", "te_general_gemm"): lambda original: None if original is MISSING else original,
+    ("tensor_parallel.random", "CheckpointWithoutOutput.__init__"): _checkpoint_init_factory,
     ("transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu"): lambda original: host_copy,
     ("dist_checkpointing.strategies.filesystem_async", "_process_memory"): lambda original: process_rss,
 }

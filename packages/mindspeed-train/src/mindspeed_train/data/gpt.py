@@ -88,14 +88,35 @@ class PretrainingBatches:
             yield list(range(first, first + self.micro))
 
 
-def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    keys = ("tokens", "labels", "loss_mask", "position_ids")
-    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in keys}
+@dataclass(frozen=True)
+class PretrainingCollator:
+    """Stacks GPTDataset samples into ``tokens``, ``labels``, ``loss_mask``, ``position_ids``
+    (``[micro, seq]``). With ``eod`` set (``--reset-attention-mask``) also ``segments``: a new
+    document starts after each EOD token, so the loop attends within documents only (THD) and
+    ``position_ids`` restart there."""
+
+    eod: int | None = None
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        keys = ("tokens", "labels", "loss_mask", "position_ids")
+        out = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in keys}
+        if self.eod is not None:
+            ends = (out["tokens"] == self.eod).long()
+            out["segments"] = 1 + torch.cumsum(ends, dim=1) - ends  # the EOD closes its own document
+            starts = torch.ones_like(ends, dtype=torch.bool)
+            starts[:, 1:] = out["segments"][:, 1:] != out["segments"][:, :-1]
+            index = torch.arange(ends.shape[1]).expand_as(ends)
+            first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+            out["position_ids"] = index - first
+        return out
 
 
-def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """An iterator of microbatches (dicts of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``,
-    each ``[micro, seq]``) for this DP rank, resuming after ``consumed`` samples."""
+def make_loader(dataset, *, consumed: int, micro: int, dp_rank: int, dp_size: int,
+                collate=None) -> Iterator[dict[str, torch.Tensor]]:
+    """An iterator of microbatches for this DP rank, resuming after ``consumed`` samples.
+    ``collate`` turns a list of samples into one microbatch (default: :class:`PretrainingCollator`,
+    dicts of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, each ``[micro, seq]``)."""
     sampler = PretrainingBatches(len(dataset), consumed, micro, dp_rank, dp_size)
     # num_workers=0: samples are memory-mapped slices, cheap enough to read in the training process.
-    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate, num_workers=0))
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate or PretrainingCollator(),
+                                            num_workers=0))  # fmt: skip

@@ -1,0 +1,69 @@
+"""tools/bench/train.py: a tiny end-to-end run (ours and the Hugging Face baseline) and its argument checks."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "train.py"
+sys.path.insert(0, str(BENCH.parent))
+
+import train  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_run_prints_a_ratio_and_equal_losses(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH), "--quick", "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ratio ours/hf" in proc.stdout and "loss trajectories agree" in proc.stdout
+    row = json.loads(out.read_text())
+    steps = train.QUICK["warmup"] + train.QUICK["steps"]
+    for side in ("ours", "hf"):
+        assert len(row[side]["times_s"]) == len(row[side]["losses"]) == steps
+        assert row[side]["tokens_per_s"] > 0 and all(math.isfinite(x) for x in row[side]["losses"])
+    assert row["ratio"] > 0 and row["ratio_best"] > 0 and row["ratio_cpu"] > 0
+    # the same initial weights, batches and optimizer: the trajectories agree step by step
+    assert row["loss_max_abs_diff"] <= 1e-3
+
+
+def test_summarise_ratios_skip_warmup():
+    sizes = {"micro": 2, "seq": 8, "warmup": 1, "steps": 3}
+    args = train.parse_args(["--accum", "2"])
+    out = {"ours": {"times_s": [9.0, 1.0, 2.0, 3.0], "cpu_s": [9.0, 1.0, 1.0, 1.0], "losses": [5.0, 4.0, 3.0, 2.0]},
+           "hf": {"times_s": [9.0, 2.0, 4.0, 6.0], "cpu_s": [1.0, 3.0, 3.0, 3.0], "losses": [5.0, 4.0, 3.5, 2.0]}}  # fmt: skip
+    row = train.summarise(out, sizes, args)
+    assert row["tokens_per_step"] == 32
+    assert row["ours"]["median_s"] == 2.0 and row["hf"]["best_s"] == 2.0
+    assert row["ours"]["tokens_per_s"] == 16.0 and row["ratio"] == 2.0 and row["ratio_best"] == 2.0
+    assert row["ratio_cpu"] == 3.0  # the warm-up step's CPU time is left out too
+    assert row["loss_max_abs_diff"] == 0.5
+
+
+def test_sizes_defaults_overrides_and_bad_values():
+    assert train._sizes(train.parse_args([])) == train.FULL
+    assert train._sizes(train.parse_args(["--quick", "--seq", "16"])) == {**train.QUICK, "seq": 16}
+    with pytest.raises(SystemExit, match="--steps 0: must be >= 1"):
+        train._sizes(train.parse_args(["--steps", "0"]))
+    with pytest.raises(SystemExit, match="hidden must divide by heads"):
+        train._sizes(train.parse_args(["--hidden", "30", "--heads", "4"]))
+
+
+def test_launch_flags_are_a_valid_launch(tmp_path):
+    """The flags ours gets validate as a `mindspeed train` launch with the requested settings."""
+    from mindspeed_train import launch
+
+    sizes = train._sizes(train.parse_args(["--quick"]))
+    model = train.write_model(tmp_path, "qwen2", sizes)
+    args = train.parse_args(["--lr", "2e-3", "--weight-decay", "0.05", "--clip-grad", "0.5", "--accum", "2"])
+    config = launch.build_config(train.launch_flags(model, "data/x_text_document", sizes, args, iters=3))
+    assert config.batch.num_microbatches == 2 and config.batch.micro == sizes["micro"] and config.train_iters == 3
+    opt = config.optim
+    assert (opt.lr, opt.min_lr, opt.weight_decay, opt.clip_grad, opt.lr_decay_style) == (2e-3, 2e-3, 0.05, 0.5, "constant")
