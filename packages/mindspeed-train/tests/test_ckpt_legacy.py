@@ -73,10 +73,11 @@ def _logits(model) -> torch.Tensor:
 def _recording_save(original, root):
     """ckpt.save_checkpoint that also stores the model's logits at the step-4 save of a WITH_LOGITS run."""
 
-    def save(settings, model, *args, iteration, **kwargs):
-        path = original(settings, model, *args, iteration=iteration, **kwargs)
+    def save(settings, chunks, *args, iteration, **kwargs):
+        path = original(settings, chunks, *args, iteration=iteration, **kwargs)
         name = os.path.basename(settings.save).removesuffix("_ck")
         if iteration == 4 and name in WITH_LOGITS:
+            (model,) = chunks
             logits = _logits(model)
             if torch.distributed.get_rank() == 0:
                 torch.save(logits, os.path.join(root, f"{name}_logits.pt"))

@@ -4,6 +4,8 @@ fp32, no dropout, tiny qwen2):
 - recomputation (full uniform, full block, selective core attention, norms) changes memory, not
   numbers: losses (1e-5) and grad norms (1e-4) of the plain run;
 - sequence parallelism at TP=2 equals TP=1;
+- virtual pipeline stages (PP=2 x 2 chunks of a 4-layer model, megatron's interleaved 1F1B) equal
+  PP=1 from the same start; its torch_dist checkpoint (``model0``/``model1``) resumes exactly;
 - ``--reset-attention-mask`` (documents split at EOD, fed as THD with cu_seqlens) at PP=2 equals
   the same at PP=1 (the schedule ships ``[micro x S, 1, H]`` between stages);
 - fp16 with a constant loss scale follows the fp32 run within fp16's resolution (relative 1e-3:
@@ -45,20 +47,34 @@ def _single_world(rank: int, root: str) -> None:
     train(th.flags(root, os.path.join(root, "fp16"), extra=("--fp16", "--loss-scale", "128")))
     overflow = ("--fp16", "--initial-loss-scale", str(2.0**40), "--hysteresis", "2")
     train(th.flags(root, os.path.join(root, "overflow"), extra=overflow))
+    deep = os.path.join(root, "init_deep")
+    train(th.flags(root, deep, iters=1, model="deep", extra=("--save", deep)))
+    train(th.flags(root, os.path.join(root, "deep_pp1"), model="deep", extra=("--load", deep, "--finetune")))
 
 
 def _pair_world(rank: int, root: str) -> None:
+    import torch
+
     from mindspeed_train.launch import train
 
     train(th.flags(root, os.path.join(root, "sp"), extra=("--tensor-model-parallel-size", "2", "--sequence-parallel")))
     init = ("--load", os.path.join(root, "init"), "--finetune")
     train(th.flags(root, os.path.join(root, "packed_pp2"), extra=(*PACKED, "--pipeline-model-parallel-size", "2", *init)))
+    vpp, ck = ("--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"), os.path.join(root, "vck")
+    deep = ("--load", os.path.join(root, "init_deep"), "--finetune")
+    train(th.flags(root, os.path.join(root, "vpp"), model="deep", extra=(*vpp, *deep, "--save", ck, "--save-interval", "2")))
+    if rank == 0:  # resume from the step-2 checkpoint (the tracker names the newest, 4)
+        with open(os.path.join(ck, "latest_checkpointed_iteration.txt"), "w") as handle:
+            handle.write("2")
+    torch.distributed.barrier()
+    train(th.flags(root, os.path.join(root, "vpp_resumed"), model="deep", extra=(*vpp, "--load", ck)))
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("features"))
     th.prepare(path)
+    th.write_model(path, name="deep", layers=4)
     run_world(_single_world, 1, path, timeout_s=240)
     run_world(_pair_world, 2, path, timeout_s=150)
     return path
@@ -84,6 +100,16 @@ def test_profile_through_the_cli(root):
 
 def test_sequence_parallel_equals_tp1(root):
     _same(th.read(os.path.join(root, "sp")), th.read(os.path.join(root, "plain")))
+
+
+def test_virtual_pipeline_equals_pp1_and_resumes(root):
+    vpp = th.read(os.path.join(root, "vpp"))
+    _same(vpp, th.read(os.path.join(root, "deep_pp1")))
+    resumed = th.read(os.path.join(root, "vpp_resumed"))
+    assert [r["iteration"] for r in resumed] == [3, 4]
+    for got, want in zip(resumed, vpp[2:], strict=True):
+        assert (got["loss"], got["grad_norm"], got["lr"]) == pytest.approx((want["loss"], want["grad_norm"], want["lr"]),
+                                                                           rel=0, abs=1e-7)
 
 
 def test_packed_documents_pp2_equals_pp1(root):

@@ -11,11 +11,11 @@ import numpy as np
 VOCAB, EOS = 256, 0
 
 
-def write_model(root: str) -> str:
-    """A 2-layer qwen2 config (GQA, q/k/v bias, fp32, no dropout); returns its directory."""
-    path = os.path.join(root, "model")
+def write_model(root: str, name: str = "model", layers: int = 2) -> str:
+    """A ``layers``-layer qwen2 config (GQA, q/k/v bias, fp32, no dropout) in ``root/name``; returns its directory."""
+    path = os.path.join(root, name)
     os.makedirs(path, exist_ok=True)
-    config = dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
                   eos_token_id=EOS, tie_word_embeddings=False, attention_dropout=0.0)  # fmt: skip
     with open(os.path.join(path, "config.json"), "w") as handle:

@@ -104,6 +104,8 @@ IMPLEMENTED_BY: dict[str, frozenset[str]] = {
         # mindspeed train always builds megatron-core models; the flag is accepted (the
         # recompute.norm.mcore rule asks for it) and changes nothing.
         "use_mcore_models",
+        # Issue #6: virtual pipeline stages (megatron's interleaved 1F1B), torch_dist checkpoints.
+        "num_layers_per_virtual_pipeline_stage",
     }),
 }
 

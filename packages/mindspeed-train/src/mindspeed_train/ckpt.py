@@ -118,12 +118,18 @@ def _set_adam_step(optimizer, step: float) -> None:
             state["step"] = torch.tensor(float(step))
 
 
-def _sharded_state(model, optimizer, *, with_optim: bool, with_rng: bool, is_loading: bool) -> dict[str, Any]:
-    state: dict[str, Any] = {"model": model.module.sharded_state_dict()}
+def _model_keys(chunks: list) -> list[str]:
+    """megatron's names for the model entries: ``model``, or ``model0, model1, ...`` per virtual stage."""
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _sharded_state(chunks: list, optimizer, *, with_optim: bool, with_rng: bool, is_loading: bool) -> dict[str, Any]:
+    keys = _model_keys(chunks)
+    state: dict[str, Any] = {key: chunk.module.sharded_state_dict() for key, chunk in zip(keys, chunks, strict=True)}
     if with_optim and is_loading:
         _init_adam_state(optimizer)
     if with_optim:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading, metadata=OPTIM_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading, metadata=OPTIM_METADATA)
     if with_rng:
         state["rng_state"] = _rng_object(is_loading)
     return state
@@ -185,19 +191,27 @@ def _publish(settings: CheckpointSettings, tmp: str, final: str, iteration: int)
     dist.barrier()
 
 
-def _save_torch_dist(tmp: str, settings: CheckpointSettings, model, optimizer, scheduler, *, iteration: int,
+def _save_torch_dist(tmp: str, settings: CheckpointSettings, chunks, optimizer, scheduler, *, iteration: int,
                      consumed_samples: int) -> None:
     from megatron.core import dist_checkpointing
 
-    state = _sharded_state(model, optimizer, with_optim=settings.save_optim, with_rng=settings.save_rng, is_loading=False)
+    state = _sharded_state(chunks, optimizer, with_optim=settings.save_optim, with_rng=settings.save_rng, is_loading=False)
     state.update(iteration=iteration, consumed_samples=consumed_samples, checkpoint_version=3.0,
                  opt_param_scheduler=scheduler.state_dict(), adam_step=_adam_step(optimizer))  # fmt: skip
     dist_checkpointing.save(state, tmp)
 
 
-def save_checkpoint(settings: CheckpointSettings, model, optimizer, scheduler, *, iteration: int,
+def _single(chunks: list):
+    if len(chunks) != 1:
+        raise ValueError("legacy checkpoints (--ckpt-format torch) with virtual pipeline stages are not implemented; "
+                         "use --ckpt-format torch_dist")  # fmt: skip
+    return chunks[0]
+
+
+def save_checkpoint(settings: CheckpointSettings, chunks, optimizer, scheduler, *, iteration: int,
                     consumed_samples: int, hf_config: dict[str, Any]) -> str:
-    """Write ``SAVE/iter_N`` on all ranks (collective) in ``settings.format``: ``torch_dist`` here,
+    """Write ``SAVE/iter_N`` of the DDP-wrapped model ``chunks`` (one per virtual pipeline stage; megatron's
+    ``model`` or ``model0, model1, ...`` entries) on all ranks (collective) in ``settings.format``: ``torch_dist`` here,
     ``torch`` (megatron's legacy per-rank files) in :mod:`mindspeed_train.ckpt_legacy`. Returns its path."""
     final = iter_dir(settings.save, iteration)
     tmp = final + ".tmp"
@@ -205,14 +219,15 @@ def save_checkpoint(settings: CheckpointSettings, model, optimizer, scheduler, *
     if settings.format == "torch":
         from mindspeed_train import ckpt_legacy
 
-        ckpt_legacy.save(tmp, settings, model, optimizer, scheduler, iteration=iteration, consumed_samples=consumed_samples)
+        ckpt_legacy.save(tmp, settings, _single(chunks), optimizer, scheduler, iteration=iteration,
+                         consumed_samples=consumed_samples)
     else:
-        _save_torch_dist(tmp, settings, model, optimizer, scheduler, iteration=iteration, consumed_samples=consumed_samples)
+        _save_torch_dist(tmp, settings, chunks, optimizer, scheduler, iteration=iteration, consumed_samples=consumed_samples)
     _publish(settings, tmp, final, iteration)
     return final
 
 
-def load_checkpoint(settings: CheckpointSettings, model, optimizer, scheduler) -> Loaded | None:
+def load_checkpoint(settings: CheckpointSettings, chunks, optimizer, scheduler) -> Loaded | None:
     """Restore from ``LOAD``'s latest committed checkpoint; None when there is none (fresh start).
     The format is read from the directory, whatever ``--ckpt-format`` says (as megatron does):
     ``metadata.json`` means torch_dist, ``mp_rank_*`` directories mean legacy. ``--finetune`` loads the
@@ -222,24 +237,25 @@ def load_checkpoint(settings: CheckpointSettings, model, optimizer, scheduler) -
         return None
     path = iter_dir(settings.load, iteration)
     if os.path.isfile(os.path.join(path, "metadata.json")):
-        return _load_torch_dist(path, settings, model, optimizer, scheduler)
+        return _load_torch_dist(path, settings, chunks, optimizer, scheduler)
     from mindspeed_train import ckpt_legacy
 
     if ckpt_legacy.is_legacy(path):
-        it, consumed = ckpt_legacy.load(path, settings, model, optimizer, scheduler)
+        it, consumed = ckpt_legacy.load(path, settings, _single(chunks), optimizer, scheduler)
         return Loaded(iteration=it, consumed_samples=consumed)
     raise ValueError(f"--load {settings.load}: {path} is neither a torch_dist checkpoint (metadata.json) nor a legacy "
                      "one (mp_rank_* directories); point --load at a checkpoint directory")  # fmt: skip
 
 
-def _load_torch_dist(path: str, settings: CheckpointSettings, model, optimizer, scheduler) -> Loaded:
+def _load_torch_dist(path: str, settings: CheckpointSettings, chunks, optimizer, scheduler) -> Loaded:
     from megatron.core import dist_checkpointing
 
     with_optim = settings.load_optim and not settings.finetune
     with_rng = settings.load_rng and not settings.finetune
-    state = _sharded_state(model, optimizer, with_optim=with_optim, with_rng=with_rng, is_loading=True)
+    state = _sharded_state(chunks, optimizer, with_optim=with_optim, with_rng=with_rng, is_loading=True)
     loaded = dist_checkpointing.load(state, path)
-    model.module.load_state_dict(loaded["model"])
+    for key, chunk in zip(_model_keys(chunks), chunks, strict=True):
+        chunk.module.load_state_dict(loaded[key])
     if not with_optim:
         with torch.no_grad():  # main (fp32) parameters of a bf16 model follow the loaded weights, as in megatron
             optimizer.reload_model_params()

@@ -29,7 +29,7 @@ TRAIN_PARAMETERS = frozenset({
     "is_instruction_dataset", "neat_pack", "reset_attention_mask", "variable_seq_lengths", "pad_to_multiple_of", "no_shuffle",
     "calculate_per_token_loss", "sequence_parallel", "fp16", "loss_scale", "initial_loss_scale", "min_loss_scale",
     "loss_scale_window", "hysteresis", "recompute_granularity", "recompute_method", "recompute_num_layers",
-    "recompute_norm", "use_mcore_models",
+    "recompute_norm", "use_mcore_models", "num_layers_per_virtual_pipeline_stage",
 })  # fmt: skip
 
 
@@ -45,6 +45,7 @@ class ParallelSettings:
     data: int
     world: int
     sequence_parallel: bool = False  # megatron's SP: activations outside TP regions split over the sequence
+    virtual: int | None = None  # model chunks per pipeline stage (interleaved 1F1B); None: one
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ class TrainConfig:
             output_dir=output_dir or save or os.path.join(os.getcwd(), "output"),
             tokenizer=get("tokenizer_name_or_path"),
             parallel=ParallelSettings(tensor=tp, pipeline=pp, expert=ep, data=dp, world=world_size,
-                                      sequence_parallel=bool(get("sequence_parallel"))),
+                                      sequence_parallel=bool(get("sequence_parallel")), virtual=_virtual(get)),
             batch=BatchSettings(micro=micro, global_=global_, seq_length=_seq_length(get),
                                 num_microbatches=global_ // (micro * dp)),
             optim=_optim(get),
@@ -258,6 +259,22 @@ def _eval(get) -> EvalSettings:
     if iters is None or iters < -1:
         raise ValueError(f"--eval-iters {iters!r} is invalid; pass a positive count, 0 (off) or -1 (whole split)")
     return EvalSettings(interval=interval if iters != 0 else None, iters=iters)
+
+
+def _virtual(get) -> int | None:
+    """Virtual pipeline stages from ``--num-layers-per-virtual-pipeline-stage`` (megatron's rule:
+    the layers of each pipeline stage split evenly into chunks of that many)."""
+    per_chunk = get("num_layers_per_virtual_pipeline_stage")
+    if per_chunk is None:
+        return None
+    layers, pp = get("num_layers"), get("pipeline_model_parallel_size")
+    if layers % pp or (layers // pp) % per_chunk:
+        raise ValueError(f"--num-layers-per-virtual-pipeline-stage {per_chunk}: {layers} layers over {pp} pipeline "
+                         f"stages do not split into chunks of {per_chunk}; pick a divisor of the layers per stage")
+    chunks = layers // pp // per_chunk
+    if get("ckpt_format") == "torch" and chunks > 1:
+        raise ValueError("--ckpt-format torch with virtual pipeline stages is not implemented; use --ckpt-format torch_dist")
+    return chunks if chunks > 1 else None
 
 
 def _precision(get) -> PrecisionSettings:

@@ -36,12 +36,19 @@ class Job:
     """Everything a running job holds. ``iteration``/``consumed_samples`` advance per step."""
 
     config: TrainConfig
-    model: object  # megatron DistributedDataParallel around the GPTModel
+    chunks: list  # megatron DistributedDataParallel around each GPTModel chunk (one per virtual stage)
     optimizer: object
     scheduler: object
     spec: object  # mindspeed_models.ModelSpec
     iteration: int = 0
     consumed_samples: int = 0
+
+    @property
+    def model(self):
+        """The DDP-wrapped model of a run without virtual pipeline stages (its only chunk)."""
+        if len(self.chunks) != 1:
+            raise AttributeError(f"this job has {len(self.chunks)} virtual-pipeline model chunks; use job.chunks")
+        return self.chunks[0]
 
 
 def init_parallel(config: TrainConfig) -> None:
@@ -57,6 +64,7 @@ def init_parallel(config: TrainConfig) -> None:
         ps.destroy_model_parallel()
     layout = config.parallel
     ps.initialize_model_parallel(tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
+                                 virtual_pipeline_model_parallel_size=layout.virtual,
                                  expert_model_parallel_size=layout.expert)  # fmt: skip
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -78,7 +86,8 @@ def build_job(config: TrainConfig) -> Job:
     dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else torch.float32
     spec = mm.from_hf_config(
         config.model, tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
-        expert_model_parallel_size=layout.expert, sequence_parallel=layout.sequence_parallel, params_dtype=dtype,
+        expert_model_parallel_size=layout.expert, virtual_pipeline_model_parallel_size=layout.virtual,
+        sequence_parallel=layout.sequence_parallel, params_dtype=dtype,
         pipeline_dtype=dtype, bf16=precision.bf16, fp16=precision.fp16,
         make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
         calculate_per_token_loss=config.per_token_loss,
@@ -86,22 +95,27 @@ def build_job(config: TrainConfig) -> Job:
         variable_seq_lengths=config.data.variable and layout.pipeline > 1,
         **config.recompute.megatron_kwargs(),
     )  # fmt: skip
-    model = mm.build_model(spec, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
-    if dtype != torch.float32:
-        # Casts the first stage's inputs to bf16/fp16 and the last stage's output (per-token loss) to fp32.
-        model = Float16Module(spec.config, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=config.optim.distributed_optimizer
     )
-    ddp = DistributedDataParallel(spec.config, ddp_config, model)
+    chunks = []
+    for stage in range(layout.virtual or 1):
+        vp = stage if layout.virtual else None
+        model = mm.build_model(spec, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                               post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp)
+        if dtype != torch.float32:
+            # Casts the first stage's inputs to bf16/fp16 and the last stage's output (per-token loss) to fp32.
+            model = Float16Module(spec.config, model)
+        # megatron buckets only the first chunk's gradients (the others are reduced as one bucket each)
+        chunks.append(DistributedDataParallel(spec.config, ddp_config, model, disable_bucketing=stage > 0))
     # The schedule defers the DP reduction to the last microbatch and then finalises the grads.
-    spec.config.no_sync_func = ddp.no_sync
+    spec.config.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
     spec.config.finalize_model_grads_func = finalize_model_grads
-    optimizer = build_optimizer(config.optim, [ddp], precision)
+    optimizer = build_optimizer(config.optim, chunks, precision)
     # megatron scales the loss (and the MoE/MTP auxiliary losses) by the fp16 loss scale
     spec.config.grad_scale_func = optimizer.scale_loss if precision.fp16 else None
     scheduler = build_scheduler(config.optim, optimizer, config.batch.global_)
-    return Job(config=config, model=ddp, optimizer=optimizer, scheduler=scheduler, spec=spec)
+    return Job(config=config, chunks=chunks, optimizer=optimizer, scheduler=scheduler, spec=spec)
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token: bool, output: torch.Tensor):
@@ -166,7 +180,7 @@ def _schedule(job: Job, data_iterator, forward_only: bool) -> list[dict]:
     seq, micro = (batch.seq_length * batch.micro, 1) if job.config.data.packed else (batch.seq_length, batch.micro)
     step = partial(_forward_step, job.config.per_token_loss)
     return get_forward_backward_func()(
-        forward_step_func=step, data_iterator=data_iterator, model=[job.model], num_microbatches=batch.num_microbatches,
+        forward_step_func=step, data_iterator=data_iterator, model=job.chunks, num_microbatches=batch.num_microbatches,
         seq_length=seq, micro_batch_size=micro, forward_only=forward_only,
     )  # fmt: skip
 
@@ -186,7 +200,8 @@ def train_step(job: Job, data_iterator) -> StepResult:
     """One optimizer step over the global batch. An overflowing fp16 step is skipped as megatron
     does (no update, no scheduler step; the iteration still counts); a failed update in bf16/fp32
     is an error."""
-    job.model.zero_grad_buffer()
+    for chunk in job.chunks:
+        chunk.zero_grad_buffer()
     job.optimizer.zero_grad()
     store = _schedule(job, data_iterator, forward_only=False)
     ok, grad_norm, _ = job.optimizer.step()
@@ -203,13 +218,15 @@ def evaluate(job: Job, valid_iterator, eval_iters: int) -> float:
     """Token-mean validation loss: the mean over ``eval_iters`` global batches (forward only, no
     gradients) of the DP-averaged mean microbatch loss, as megatron's ``evaluate`` reports it."""
     losses = []
-    job.model.eval()
+    for chunk in job.chunks:
+        chunk.eval()
     try:
         with torch.no_grad():
             for _ in range(eval_iters):
                 losses.append(_reduce_loss(_schedule(job, valid_iterator, forward_only=True)))
     finally:
-        job.model.train()
+        for chunk in job.chunks:
+            chunk.train()
     return sum(losses) / len(losses)
 
 
@@ -268,7 +285,7 @@ def _should_save(config: TrainConfig, iteration: int) -> bool:
 
 
 def save(job: Job) -> str:
-    return ckpt.save_checkpoint(job.config.ckpt, job.model, job.optimizer, job.scheduler, iteration=job.iteration,
+    return ckpt.save_checkpoint(job.config.ckpt, job.chunks, job.optimizer, job.scheduler, iteration=job.iteration,
                                 consumed_samples=job.consumed_samples, hf_config=_plain(job.spec.hf_config))  # fmt: skip
 
 
@@ -285,6 +302,6 @@ def resume(job: Job) -> None:
     """Apply ``--load`` (when set and it holds a committed checkpoint)."""
     if not job.config.ckpt.load:
         return
-    loaded = ckpt.load_checkpoint(job.config.ckpt, job.model, job.optimizer, job.scheduler)
+    loaded = ckpt.load_checkpoint(job.config.ckpt, job.chunks, job.optimizer, job.scheduler)
     if loaded is not None:
         job.iteration, job.consumed_samples = loaded.iteration, loaded.consumed_samples

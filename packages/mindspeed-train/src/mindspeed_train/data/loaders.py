@@ -59,10 +59,18 @@ def build_loaders(config: TrainConfig, job, eod: int):
     collate = _collator(config, train, eod)
     dp = {"micro": batch.micro, "dp_rank": ps.get_data_parallel_rank(), "dp_size": ps.get_data_parallel_world_size(),
           "collate": collate}  # fmt: skip
-    train_data = make_loader(train, consumed=job.consumed_samples, **dp)
+    # megatron's interleaved schedule reads one iterator per virtual-pipeline chunk, each
+    # yielding the same microbatches (the first chunk takes tokens, the last labels)
+    chunks = config.parallel.virtual or 1
+
+    def loaders(dataset, consumed):
+        its = [make_loader(dataset, consumed=consumed, **dp) for _ in range(chunks)]
+        return its if chunks > 1 else its[0]
+
+    train_data = loaders(train, job.consumed_samples)
     if iters == -1 and valid is not None:
         iters = len(valid) // (evals * batch.global_)  # the schema: no evaluation when the split is too small
     if valid is None or iters <= 0:
         return train_data, None, 0
     consumed = (job.iteration // interval) * iters * batch.global_
-    return train_data, make_loader(valid, consumed=consumed, **dp), iters
+    return train_data, loaders(valid, consumed), iters
