@@ -1,5 +1,6 @@
 """Sessions: tests (everything, one environment), isolated (one fresh venv per package),
-lint (ruff), checks (versions, layering, generated docs), demo (the main end-to-end job),
+lint (ruff), checks (versions, layering, generated docs), demo (the main end-to-end job: pretrain,
+SFT, export and generate with a tiny model on CPU),
 bench (kernel and checkpoint-conversion benchmarks; not in the default set: minutes, ~16 GiB of
 memory and ~9 GiB of disk at full size).
 
@@ -71,10 +72,13 @@ def checks(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks (not run by default): kernels (ours vs naive formulas, time and peak-memory
-    ratios) and ckpt (checkpoint conversion vs ``cp``, throughput and peak RSS). ``-- kernels ARGS``
-    or ``-- ckpt ARGS`` runs one of them with its own arguments; no arguments runs both."""
-    scripts = {"kernels": "tools/bench/kernels.py", "ckpt": "tools/bench/ckpt.py"}
-    _pip(session, str(ROOT / "packages" / "mindspeed-kernels"), str(ROOT / "packages" / "mindspeed-ckpt"))
+    ratios), ckpt (checkpoint conversion vs ``cp``, throughput and peak RSS) and train (tokens/s of
+    the training loop vs transformers + torch AdamW). ``-- NAME ARGS`` runs one of them with its own
+    arguments; no arguments runs all."""
+    scripts = {"kernels": "tools/bench/kernels.py", "ckpt": "tools/bench/ckpt.py", "train": "tools/bench/train.py"}
+    # train.py runs the mindspeed-train loop against transformers (a mindspeed-train dependency).
+    siblings = dict.fromkeys(["mindspeed-kernels", "mindspeed-ckpt", *sibling_closure("mindspeed-train")])
+    _pip(session, *(str(ROOT / "packages" / p) for p in siblings))
     which, args = (session.posargs[0], session.posargs[1:]) if session.posargs[:1] and session.posargs[0] in scripts \
         else (None, session.posargs)
     for name in [which] if which else scripts:
@@ -83,6 +87,10 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
-    """The most complete end-to-end job the tree has today: validate and translate real launches."""
-    _pip(session, str(ROOT / "packages" / "mindspeed-cli"), str(ROOT / "packages" / "mindspeed-args"))
+    """The main job end to end on CPU (examples/demo.sh): tokenizer, preprocess, pretrain a tiny
+    DeepSeek-V3-style model on 2 processes, SFT, export to Hugging Face, generate. Minutes, no downloads
+    (besides the install); outputs in $DEMO_DIR or a fresh temporary directory."""
+    closure = list(dict.fromkeys([*sibling_closure("mindspeed-train"), *sibling_closure("mindspeed-cli")]))
+    _pip(session, *(str(ROOT / "packages" / d) for d in closure))
+    session.run("python", str(ROOT / "tools" / "check_install.py"), *closure)
     session.run("bash", str(ROOT / "examples" / "demo.sh"), external=True)

@@ -1,6 +1,7 @@
 """`mindspeed convert` exit codes and one-line errors, through main(argv), `python -m` and the
 `mindspeed` console script."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,11 @@ def test_round_trip_through_main(make_hf, tmp_path, capsys):
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
     r = HFReader(tmp_path / "sharded")
     assert set(r.names) == set(t) and all(torch.equal(r.get(n), t[n]) for n in t)
+    # published with the modes of a plain mkdir/open under the umask, not the private staging modes
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [tmp_path / "back", *(tmp_path / "back").rglob("*"), tmp_path / "mc", *(tmp_path / "mc").rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~mask, path
 
 
 @pytest.mark.parametrize("argv,needle", [

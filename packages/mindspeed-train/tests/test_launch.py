@@ -89,3 +89,10 @@ def test_help_prints_usage_and_exits_0(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: mindspeed train") and "--nproc" in out and "--data-path" in out
+
+
+def test_warmup_not_shorter_than_decay_is_a_clear_error(root):
+    argv = th.flags(root, root)
+    argv[argv.index("--lr-warmup-iters") + 1] = "4"  # th.flags decays over 4 iterations
+    with pytest.raises(ValueError, match="LR warmup \\(4 iterations\\) must be shorter than the decay \\(4"):
+        build_config(argv)

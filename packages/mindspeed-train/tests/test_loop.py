@@ -80,6 +80,9 @@ def _assert_same_run(got: list[dict], want: list[dict]) -> None:
         assert abs(mine["grad_norm"] - ref["grad_norm"]) <= NORM_TOL, (mine, ref)
         assert mine["lr"] == pytest.approx(ref["lr"], rel=1e-12)
         assert mine["consumed_samples"] == ref["consumed_samples"]
+        assert (mine["aux"] or {}).keys() == (ref["aux"] or {}).keys()
+        for name, value in (ref["aux"] or {}).items():
+            assert abs(mine["aux"][name] - value) <= LOSS_TOL, (name, mine, ref)
 
 
 def _cosine_lr(samples: int, lr=1e-2, min_lr=1e-4, warmup=4, decay=16) -> float:
@@ -101,6 +104,9 @@ def test_tp2_dp2_pp2_ep2_match_one_process(root):
     _assert_same_run(th.read(os.path.join(root, "dp2")), ref)
     _assert_same_run(th.read(os.path.join(root, "pp2")), th.read(os.path.join(root, "ref_model")))
     _assert_same_run(th.read(os.path.join(root, "ep2")), th.read(os.path.join(root, "ref_moe")))
+    # the MoE runs log megatron's balancing loss (compared across layouts above); dense runs log none
+    assert all(r["aux"]["load_balancing_loss"] > 0 for r in th.read(os.path.join(root, "ref_moe")))
+    assert all(r["aux"] is None for r in ref)
 
 
 def test_loss_falls_on_a_learnable_corpus(root):

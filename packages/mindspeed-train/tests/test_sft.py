@@ -7,7 +7,8 @@ same labels (``-100`` on the prompt; transformers shifts them itself).
 Layouts: one conversation per row padded to ``--seq-length`` (token mean per microbatch, averaged);
 ``--variable-seq-lengths`` (rows padded to the longest of the microbatch); neat packs fed as THD
 rows with cu_seqlens and ``--calculate-per-token-loss`` (the token mean over the global batch) —
-equal to transformers only if no sample attends to another in its pack. Plain ``--pack`` data
+equal to transformers only if no sample attends to another in its pack; the per-token loss on two
+DP ranks (different token counts per rank) too. Plain ``--pack`` data
 (samples may see each other) must differ, and neat packs without ``--neat-pack`` are refused.
 """
 
@@ -24,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.xdist_group("gloo"), pytest.mark.timeout(300), pytest.mark.slow]
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+import train_helpers as th  # noqa: E402
 from conftest import build_tokenizer  # noqa: E402
 
 SAMPLES = [
@@ -96,7 +98,7 @@ def test_sft_loss_equals_transformers(root):
     pairs = (per_sample[:2], per_sample[2:])
     mean_of_means = sum(sum(ce for ce, _ in pair) / sum(n for _, n in pair) for pair in pairs) / 2
     token_mean = sum(ce for ce, _ in per_sample) / sum(n for _, n in per_sample)
-    assert _train(root, "rows", "rows") == pytest.approx(mean_of_means, abs=1e-5)
+    assert _train(root, "rows", "rows", "--save", str(root / "rows_ck")) == pytest.approx(mean_of_means, abs=1e-5)
     variable = _train(root, "variable", "rows", "--variable-seq-lengths", "--pad-to-multiple-of", "8")
     assert variable == pytest.approx(mean_of_means, abs=1e-5)
     assert _train(root, "rows_tok", "rows", "--calculate-per-token-loss") == pytest.approx(token_mean, abs=1e-5)
@@ -117,6 +119,40 @@ def test_neat_packs_attend_within_samples(root):
     assert neat == pytest.approx(token_mean, abs=1e-5)
     # the same packs without segment boundaries: samples see earlier samples, the loss changes
     assert abs(_train(root, "pack", "pack", "--calculate-per-token-loss", **batch) - token_mean) > 1e-3
+
+
+def _dp2_world(rank: int, root: str) -> None:
+    import pathlib
+
+    _train(pathlib.Path(root), "dp2", "rows", "--calculate-per-token-loss", "--variable-seq-lengths",
+           "--use-distributed-optimizer")  # fmt: skip
+
+
+def test_dp2_per_token_loss_equals_transformers(root):
+    """Two DP ranks with different token counts: megatron sums token losses and counts over DP, so
+    the loss is still the global batch's token mean."""
+    from mindspeed_kernels.testing import run_world
+
+    per_sample = _hf_losses(root)[:4]
+    run_world(_dp2_world, 2, str(root), timeout_s=150)
+    (step,) = th.read(str(root / "dp2"))
+    assert step["loss"] == pytest.approx(sum(ce for ce, _ in per_sample) / sum(n for _, n in per_sample), abs=1e-5)
+
+
+def test_the_checkpoint_exports_with_its_tokenizer(root):
+    """--save copies the --tokenizer-name-or-path files next to config.json (SAVE/hf_config), so
+    `mindspeed convert mcore-to-hf` alone gives a directory transformers loads model and tokenizer from."""
+    from mindspeed_ckpt.cli import main as convert
+
+    if not (root / "rows_ck").exists():
+        _train(root, "rows", "rows", "--save", str(root / "rows_ck"))
+    assert convert(["mcore-to-hf", "--mcore-dir", str(root / "rows_ck"), "--out", str(root / "rows_hf")]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(root / "rows_hf")
+    original = transformers.AutoTokenizer.from_pretrained(root / "tok")
+    text = "<|im_start|>user\nSay hello<|im_end|>"
+    assert tok(text)["input_ids"] == original(text)["input_ids"] and tok.chat_template == original.chat_template
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "rows_hf")
+    assert model.config.vocab_size == len(original)
 
 
 def test_neat_packs_need_the_flag(root):

@@ -109,6 +109,7 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _default_modes(tmp)
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
         os.replace(out, old / "x")
@@ -116,6 +117,16 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def _default_modes(root: Path) -> None:
+    """Give the staged tree the modes a plain mkdir/open would have (mkdtemp/mkstemp make them
+    private: 0700 / 0600), so the published checkpoint is readable as the user's umask says."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def check_hf_names(reader: Any, rule_list: list[maps.Rule]) -> None:

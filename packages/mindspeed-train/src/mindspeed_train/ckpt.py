@@ -167,14 +167,25 @@ def prune_checkpoints(root: str, keep: int, current: int) -> list[str]:
     return doomed
 
 
-def _stage(root: str, tmp: str, hf_config: dict[str, Any]) -> None:
-    """Rank 0: a fresh staging directory and ``SAVE/hf_config/config.json``; then every rank waits."""
+# Files of a Hugging Face tokenizer directory (fast and slow tokenizers, chat template).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model")  # fmt: skip
+
+
+def _stage(root: str, tmp: str, hf_config: dict[str, Any], tokenizer: str | None = None) -> None:
+    """Rank 0: a fresh staging directory and ``SAVE/hf_config/`` (config.json, plus the tokenizer's
+    files when ``tokenizer`` names a directory, so an export carries them); then every rank waits."""
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier, interrupted save
         os.makedirs(tmp)
-        os.makedirs(os.path.join(root, "hf_config"), exist_ok=True)
-        with open(os.path.join(root, "hf_config", "config.json"), "w") as handle:
+        target = os.path.join(root, "hf_config")
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, "config.json"), "w") as handle:
             json.dump(hf_config, handle, indent=2)
+        for name in TOKENIZER_FILES if tokenizer and os.path.isdir(tokenizer) else ():
+            if os.path.isfile(os.path.join(tokenizer, name)):
+                shutil.copyfile(os.path.join(tokenizer, name), os.path.join(target, name))
     dist.barrier()
 
 
@@ -209,13 +220,13 @@ def _single(chunks: list):
 
 
 def save_checkpoint(settings: CheckpointSettings, chunks, optimizer, scheduler, *, iteration: int,
-                    consumed_samples: int, hf_config: dict[str, Any]) -> str:
+                    consumed_samples: int, hf_config: dict[str, Any], tokenizer: str | None = None) -> str:
     """Write ``SAVE/iter_N`` of the DDP-wrapped model ``chunks`` (one per virtual pipeline stage; megatron's
     ``model`` or ``model0, model1, ...`` entries) on all ranks (collective) in ``settings.format``: ``torch_dist`` here,
     ``torch`` (megatron's legacy per-rank files) in :mod:`mindspeed_train.ckpt_legacy`. Returns its path."""
     final = iter_dir(settings.save, iteration)
     tmp = final + ".tmp"
-    _stage(settings.save, tmp, hf_config)
+    _stage(settings.save, tmp, hf_config, tokenizer)
     if settings.format == "torch":
         from mindspeed_train import ckpt_legacy
 

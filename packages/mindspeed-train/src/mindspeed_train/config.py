@@ -335,6 +335,9 @@ def _optim(get) -> OptimSettings:
     decay = get("lr_decay_iters") or iters
     fraction = get("lr_warmup_fraction")
     warmup = int(fraction * decay) if fraction is not None else get("lr_warmup_iters")
+    if warmup >= decay:
+        raise ValueError(f"the LR warmup ({warmup} iterations) must be shorter than the decay ({decay} iterations: "
+                         "--lr-decay-iters, default --train-iters); lower --lr-warmup-iters/--lr-warmup-fraction")
     return OptimSettings(
         lr=lr, min_lr=get("min_lr"), lr_decay_style=style, lr_decay_iters=decay, lr_warmup_iters=warmup,
         lr_warmup_init=get("lr_warmup_init"), weight_decay=get("weight_decay"), clip_grad=get("clip_grad"),

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mindspeed_train import ckpt
+from mindspeed_train import aux_losses, ckpt
 from mindspeed_train.config import TrainConfig
 from mindspeed_train.metrics import MetricsLog, StepMetrics
 from mindspeed_train.profiling import TrainProfiler
@@ -194,6 +194,7 @@ class StepResult(NamedTuple):
     grad_norm: float
     loss_scale: float | None = None
     skipped: bool = False
+    aux: dict | None = None  # MoE balancing / z-losses and MTP losses (see mindspeed_train.aux_losses)
 
 
 def train_step(job: Job, data_iterator) -> StepResult:
@@ -204,6 +205,7 @@ def train_step(job: Job, data_iterator) -> StepResult:
         chunk.zero_grad_buffer()
     job.optimizer.zero_grad()
     store = _schedule(job, data_iterator, forward_only=False)
+    aux = aux_losses.collect(job.spec.config, job.config.batch.num_microbatches)
     ok, grad_norm, _ = job.optimizer.step()
     fp16 = job.config.precision.fp16
     if not ok and not fp16:
@@ -211,7 +213,8 @@ def train_step(job: Job, data_iterator) -> StepResult:
     if ok:
         job.scheduler.step(increment=job.config.batch.global_)
     return StepResult(loss=_reduce_loss(store), grad_norm=float("nan") if grad_norm is None else float(grad_norm),
-                      loss_scale=float(job.optimizer.get_loss_scale()) if fp16 else None, skipped=not ok)  # fmt: skip
+                      loss_scale=float(job.optimizer.get_loss_scale()) if fp16 else None, skipped=not ok,
+                      aux=aux or None)  # fmt: skip
 
 
 def evaluate(job: Job, valid_iterator, eval_iters: int) -> float:
@@ -224,6 +227,7 @@ def evaluate(job: Job, valid_iterator, eval_iters: int) -> float:
         with torch.no_grad():
             for _ in range(eval_iters):
                 losses.append(_reduce_loss(_schedule(job, valid_iterator, forward_only=True)))
+                aux_losses.collect(job.spec.config, job.config.batch.num_microbatches)  # not the step's: drop
     finally:
         for chunk in job.chunks:
             chunk.train()
@@ -269,7 +273,7 @@ def _loop(job, data_iterator, log, valid_iterator, eval_iters, interval, tokens,
         step = StepMetrics(iteration=job.iteration, loss=result.loss, lr=_current_lr(job), grad_norm=result.grad_norm,
                            seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
                            consumed_samples=job.consumed_samples, eval_loss=eval_loss, memory_mb=_peak_memory_mb(),
-                           loss_scale=result.loss_scale, skipped=result.skipped)  # fmt: skip
+                           loss_scale=result.loss_scale, skipped=result.skipped, aux=result.aux)  # fmt: skip
         steps.append(step)
         log.record(step)
         if _should_save(config, job.iteration):
@@ -286,7 +290,8 @@ def _should_save(config: TrainConfig, iteration: int) -> bool:
 
 def save(job: Job) -> str:
     return ckpt.save_checkpoint(job.config.ckpt, job.chunks, job.optimizer, job.scheduler, iteration=job.iteration,
-                                consumed_samples=job.consumed_samples, hf_config=_plain(job.spec.hf_config))  # fmt: skip
+                                consumed_samples=job.consumed_samples, hf_config=_plain(job.spec.hf_config),
+                                tokenizer=job.config.tokenizer)  # fmt: skip
 
 
 def _plain(value):

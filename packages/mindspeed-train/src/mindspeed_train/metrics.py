@@ -38,6 +38,7 @@ class StepMetrics:
     memory_mb: float | None = None  # peak device memory (accelerator) or peak RSS (CPU) of this rank, MiB
     loss_scale: float | None = None  # fp16 only: the loss scale after the step
     skipped: bool = False  # fp16 only: the gradients overflowed, the update was skipped
+    aux: dict | None = None  # auxiliary losses by megatron's names (load_balancing_loss, mtp_1 loss, ...)
 
 
 class MetricsLog:
@@ -73,6 +74,8 @@ class MetricsLog:
                 value = getattr(step, field)
                 if value is not None:
                     self._writer.add_scalar(tag, value, global_step=step.iteration)
+            for name, value in (step.aux or {}).items():
+                self._writer.add_scalar(f"train/{name.replace(' ', '_')}", value, global_step=step.iteration)
         if step.iteration % self.log_interval == 0 or step.iteration == self.train_iters:
             print(self.line(step), file=self.stream, flush=True)
 
@@ -96,7 +99,8 @@ class MetricsLog:
 
 
 def _extras(step: StepMetrics) -> str:
-    parts = [] if step.memory_mb is None else [f"mem {step.memory_mb:,.0f} MiB"]
+    parts = [f"{name} {value:.4f}" for name, value in (step.aux or {}).items()]
+    parts += [] if step.memory_mb is None else [f"mem {step.memory_mb:,.0f} MiB"]
     if step.loss_scale is not None:
         parts.append(f"loss scale {step.loss_scale:.0f}" + (" (skipped)" if step.skipped else ""))
     if step.eval_loss is not None:
