@@ -46,3 +46,18 @@ def test_gpt_dataset_reads_preprocess_output(tmp_path):
     with pytest.raises(ValueError, match="--data-path .*missing_text_document: no"):
         build_train_dataset((str(tmp_path / "missing_text_document"),), split="1,0,0", seq_length=16, seed=1,
                             num_samples=1, eod=0, vocab_size=256)  # fmt: skip
+
+
+def test_weighted_blend_of_two_corpora(tmp_path):
+    """megatron's blend syntax: two corpora drawn 3:1 (its blend index meets the weights exactly
+    on a multiple of 4 samples); a weighted blend cannot ask for a one-pass validation split."""
+    a = th.write_corpus(str(tmp_path / "a"), documents=32, seed=1)
+    b = th.write_corpus(str(tmp_path / "b"), documents=32, seed=2)
+    # no cache_dir: megatron caches blend indices on global rank 0 only (a process group)
+    common = {"split": "100,0,0", "seq_length": 16, "seed": 1, "eod": th.EOS, "vocab_size": th.VOCAB}
+    from mindspeed_train.data.gpt import build_datasets
+
+    data = build_train_dataset(("0.75", a, "0.25", b), num_samples=40, **common)
+    assert sum(int(data[i]["dataset_id"]) == 1 for i in range(40)) == 10
+    with pytest.raises(ValueError, match="--eval-iters -1"):
+        build_datasets(("0.75", a, "0.25", b), num_samples=40, valid_samples=None, **common)

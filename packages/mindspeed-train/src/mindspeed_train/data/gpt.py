@@ -59,14 +59,25 @@ def build_datasets(data_path: tuple[str, ...], *, split: str, seq_length: int, s
         tokenizer=_SpecialTokens(eod=eod, vocab_size=vocab_size), reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=False, create_attention_mask=False, path_to_cache=cache_dir, mmap_bin_files=True,
     )  # fmt: skip
-    # None: megatron's one pass over the split's documents.
-    sizes = [num_samples, valid_samples or None, None]
+    sizes = split_sizes(data_path, num_samples, valid_samples)
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     if train is None or len(train) < num_samples:
         raise ValueError(f"--split {split!r} leaves no training samples; give the train split a share, e.g. 100,0,0")
     if valid is not None and valid_samples and len(valid) < valid_samples:
         raise ValueError(f"--split {split!r}: the validation split has {len(valid)} samples, {valid_samples} needed")
     return train, valid if valid_samples != 0 else None
+
+
+def split_sizes(data_path: tuple[str, ...], num_samples: int, valid_samples: int | None) -> list[int | None]:
+    """megatron's builder sizes (train, validation, test). None asks for one pass over a split's
+    documents, which megatron allows only for an unweighted ``--data-path``; a weighted blend needs a
+    count for every split (0: not used)."""
+    if len(data_path) == 1:
+        return [num_samples, valid_samples or None, None]
+    if valid_samples is None:
+        raise ValueError("--eval-iters -1 (one pass over the validation split) needs an unweighted --data-path; "
+                         "pass a positive --eval-iters with a weighted blend")  # fmt: skip
+    return [num_samples, valid_samples, 0]
 
 
 class PretrainingBatches:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mindspeed_train.data.gpt import split_sizes
 from mindspeed_train.data.instruction import KEYS
 from mindspeed_train.data.writer import dataset_prefix
 
@@ -128,7 +129,7 @@ def build_instruction_datasets(data_path: tuple[str, ...], *, split: str, seq_le
     config_cls, dataset_cls = _dataset_class()
     config = config_cls(random_seed=seed, sequence_length=seq_length, blend=get_blend_from_list(list(data_path)),
                         split=split, path_to_cache=None, mmap_bin_files=True, shuffle=shuffle)  # fmt: skip
-    sizes = [num_samples, valid_samples or None, None]
+    sizes = split_sizes(data_path, num_samples, valid_samples)
     train, valid, _ = BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, config).build()
     if train is None or len(train) < num_samples:
         raise ValueError(f"--split {split!r} leaves no training sequences; give the train split a share, e.g. 100,0,0")
