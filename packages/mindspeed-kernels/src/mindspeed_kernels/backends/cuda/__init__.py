@@ -4,8 +4,10 @@
 op                             implementation
 =============================  ==========================================================
 rms_norm                       ``torch.nn.functional.rms_norm`` (float32 upcast by default)
-flash_attention                torch's FlashAttention-2 kernel with its log-sum-exp when the
-                               call fits (:func:`.attention.flash_fits`), else reference
+flash_attention                torch's fused kernels with their log-sum-exp when the call
+                               fits: FlashAttention-2 for float16/bfloat16
+                               (:func:`.attention.flash_fits`), the memory-efficient kernel
+                               for float32 (:func:`.attention.efficient_fits`); else reference
 grouped_matmul                 ``torch.nn.functional.grouped_mm`` when the call fits
                                (:func:`.grouped_mm.grouped_mm_fits`), else reference
 everything else                the reference implementation: elementwise ops, gathers and

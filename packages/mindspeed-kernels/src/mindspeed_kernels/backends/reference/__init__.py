@@ -1,4 +1,11 @@
-"""The ``reference`` backend: pure torch, runs on every device, the ground truth for the others."""
+"""The ``reference`` backend: pure torch, runs on every device, the ground truth for the others.
+
+One exception to "pure torch written here": on CPU, ``flash_attention`` calls that torch's fused
+CPU flash kernel computes exactly (float32/bfloat16/float16, no dropout, and a mask its
+``is_causal`` flag expresses: none, or causal with Sq == Skv; not TND, no ALiBi) run that kernel,
+with its log-sum-exp, 1.7-4x faster than the blockwise code (more for longer sequences); every
+other call, float64 included, runs the blockwise implementation (see ``reference/attention.py``).
+"""
 
 from __future__ import annotations
 
