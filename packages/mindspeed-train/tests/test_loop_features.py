@@ -1,8 +1,8 @@
 """Loop features against runs without them, through the real `mindspeed train` path (4 steps,
 fp32, no dropout, tiny qwen2):
 
-- recomputation (full uniform, full block, selective core attention, norms) changes memory, not
-  numbers: losses (1e-5) and grad norms (1e-4) of the plain run;
+- recomputation (full uniform, full block, selective core attention, norms) and the fused linear
+  cross-entropy change memory, not numbers: losses (1e-5) and grad norms (1e-4) of the plain run;
 - sequence parallelism at TP=2 equals TP=1;
 - virtual pipeline stages (PP=2 x 2 chunks of a 4-layer model, megatron's interleaved 1F1B) equal
   PP=1 from the same start; its torch_dist checkpoint (``model0``/``model1``) resumes exactly;
@@ -30,6 +30,8 @@ RECOMPUTE = {
     "selective": ("--recompute-granularity", "selective", "--profile", "--profile-step-start", "1",
                   "--profile-step-end", "3"),
     "norm": ("--recompute-norm", "--use-mcore-models"),
+    # not a recompute, but the same promise: the fused linear cross-entropy changes memory, not numbers
+    "fused_ce": ("--cross-entropy-loss-fusion",),
 }
 PACKED = ("--reset-attention-mask",)
 

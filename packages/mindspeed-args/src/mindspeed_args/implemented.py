@@ -106,6 +106,9 @@ IMPLEMENTED_BY: dict[str, frozenset[str]] = {
         "use_mcore_models",
         # Issue #6: virtual pipeline stages (megatron's interleaved 1F1B), torch_dist checkpoints.
         "num_layers_per_virtual_pipeline_stage",
+        # Issue #6: the LM and MTP losses through mindspeed_kernels' fused linear cross-entropy
+        # (cross_entropy_fusion_impl stays "native": "te" needs TransformerEngine).
+        "cross_entropy_loss_fusion",
     }),
 }
 

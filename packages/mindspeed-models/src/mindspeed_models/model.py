@@ -6,17 +6,28 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.multi_token_prediction import mtp_on_this_rank
 
-from mindspeed_models import adaptor, runtime
+from mindspeed_models import adaptor, fused_loss, runtime
 from mindspeed_models.config import ModelSpec
 from mindspeed_models.layers import param_device
 from mindspeed_models.rope import RotaryAngles
 from mindspeed_models.spec import block_submodules, mtp_block_spec
 
-__all__ = ["MTPGPTModel", "build_model", "logits"]
+__all__ = ["FusedLossGPTModel", "MTPGPTModel", "build_model", "logits"]
 
 
-class MTPGPTModel(GPTModel):
-    """megatron's ``GPTModel``; without ``labels`` its Multi-Token Prediction layers are skipped.
+class FusedLossGPTModel(GPTModel):
+    """megatron's ``GPTModel``; with ``config.cross_entropy_loss_fusion`` (impl ``"native"``) a forward with
+    ``labels`` computes its per-token loss [B, S] (main and MTP) with mindspeed_kernels' fused linear
+    cross-entropy, never forming the logits (:mod:`mindspeed_models.fused_loss`). Otherwise unchanged."""
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, **kwargs):
+        if labels is None or kwargs.get("inference_context") is not None or not fused_loss.fusion_enabled(self.config):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, **kwargs)
+        return fused_loss.postprocess(self, hidden_states, input_ids, position_ids, labels, **kwargs)
+
+
+class MTPGPTModel(FusedLossGPTModel):
+    """:class:`FusedLossGPTModel` with MTP layers; without ``labels`` they are skipped.
 
     With labels, megatron's forward adds the MTP loss (``mtp_loss_scaling_factor`` / ``mtp_num_layers``
     times the mean LM loss of each MTP depth) to the gradient and returns the main per-token losses.
@@ -25,9 +36,9 @@ class MTPGPTModel(GPTModel):
     those logits directly (``[B, S, V]``, as GPTModel).
     """
 
-    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, **kwargs):
         if labels is not None or not self.mtp_process or not self.post_process or kwargs.get("inference_context"):
-            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, **kwargs)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         out, _ = self.output_layer(hidden_states, weight=weight, runtime_gather_output=kwargs.get("runtime_gather_output"))
         return out.transpose(0, 1).contiguous()
@@ -48,9 +59,10 @@ def build_model(spec: ModelSpec, *, pre_process: bool = True, post_process: bool
     adaptor.install()
     runtime.ensure_parallel_state()
     config = spec.config
+    fused_loss.check_fusion_config(config)
     on_rank = post_process and mtp_on_this_rank(config, ignore_virtual=False, vp_stage=vp_stage)
     mtp = mtp_block_spec(spec.layer_specs, config) if on_rank else None
-    model = (GPTModel if mtp is None else MTPGPTModel)(
+    model = (FusedLossGPTModel if mtp is None else MTPGPTModel)(
         config=config,
         transformer_layer_spec=block_submodules(spec.layer_specs, config, vp_stage),
         vocab_size=spec.padded_vocab_size,

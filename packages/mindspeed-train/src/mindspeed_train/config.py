@@ -29,7 +29,7 @@ TRAIN_PARAMETERS = frozenset({
     "is_instruction_dataset", "neat_pack", "reset_attention_mask", "variable_seq_lengths", "pad_to_multiple_of", "no_shuffle",
     "calculate_per_token_loss", "sequence_parallel", "fp16", "loss_scale", "initial_loss_scale", "min_loss_scale",
     "loss_scale_window", "hysteresis", "recompute_granularity", "recompute_method", "recompute_num_layers",
-    "recompute_norm", "use_mcore_models", "num_layers_per_virtual_pipeline_stage",
+    "recompute_norm", "use_mcore_models", "num_layers_per_virtual_pipeline_stage", "cross_entropy_loss_fusion",
 })  # fmt: skip
 
 
@@ -205,6 +205,7 @@ class TrainConfig:
     profile: ProfileSettings = ProfileSettings()
     data: DataSettings = DataSettings()
     per_token_loss: bool = False  # --calculate-per-token-loss: the global batch's token mean
+    loss_fusion: bool = False  # --cross-entropy-loss-fusion: LM/MTP loss via mindspeed_kernels' fused linear CE
 
     @classmethod
     def from_args(cls, cfg: Any, *, model: str, output_dir: str | None, world_size: int,
@@ -243,6 +244,7 @@ class TrainConfig:
                                         num_layers=get("recompute_num_layers"), norm=bool(get("recompute_norm"))),
             profile=_profile(get),
             data=_data(get), per_token_loss=bool(get("calculate_per_token_loss")),
+            loss_fusion=bool(get("cross_entropy_loss_fusion")),
         )  # fmt: skip
 
 

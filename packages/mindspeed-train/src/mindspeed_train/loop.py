@@ -90,7 +90,7 @@ def build_job(config: TrainConfig) -> Job:
         sequence_parallel=layout.sequence_parallel, params_dtype=dtype,
         pipeline_dtype=dtype, bf16=precision.bf16, fp16=precision.fp16,
         make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
-        calculate_per_token_loss=config.per_token_loss,
+        calculate_per_token_loss=config.per_token_loss, cross_entropy_loss_fusion=config.loss_fusion,
         # pipeline stages exchange each microbatch's shape first (megatron's p2p) only when it varies
         variable_seq_lengths=config.data.variable and layout.pipeline > 1,
         **config.recompute.megatron_kwargs(),
