@@ -101,3 +101,42 @@ def test_inv_freq_survives_casts():
     ours.to(torch.bfloat16)
     assert ours.inv_freq.dtype == torch.float32 and torch.equal(ours.inv_freq, before)
     assert not list(ours.state_dict())
+
+
+def _saved_bytes_after_forward(model, ids, positions) -> tuple[torch.Tensor, int]:
+    """(per-token loss, bytes of the distinct storages autograd holds once the forward is done)."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(ids, positions, None, labels=ids)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved if t.device.type == "cpu"}
+    return loss, sum(storages.values())
+
+
+def test_activation_recompute_keeps_numbers_and_drops_the_activation():
+    """recompute_activation_function: the same loss and gradients as megatron's MLP, and after the
+    forward the [s, b, ffn] activation of each dense MLP no longer holds memory (recomputed in backward)."""
+    import models_hf_helpers as helpers
+
+    import mindspeed_models as mm
+
+    cfg, _ = helpers.tiny_hf("qwen2")
+    runs = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = mm.build_model(mm.from_hf_config(cfg, recompute_activation_function=flag))
+        assert type(model.decoder.layers[0].mlp).__name__ == ("ActivationRecomputeMLP" if flag else "MLP")
+        ids = torch.randint(0, cfg["vocab_size"], (2, 12))
+        positions = torch.arange(12).expand(2, 12)
+        loss, held = _saved_bytes_after_forward(model, ids, positions)
+        loss.sum().backward()
+        runs[flag] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, held)
+    (loss0, grads0, held0), (loss1, grads1, held1) = runs[False], runs[True]
+    assert torch.equal(loss0, loss1)
+    assert grads0.keys() == grads1.keys() and all(torch.equal(grads0[n], grads1[n]) for n in grads0)
+    activation = 2 * 12 * cfg["intermediate_size"] * 4  # [b, s, ffn] float32, per layer
+    assert held0 - held1 == cfg["num_hidden_layers"] * activation

@@ -35,9 +35,8 @@ def test_model_sizes_come_from_the_hf_config(root):
 
 
 def test_unimplemented_parameter_stops_the_launch(root):
-    with pytest.raises(ValueError, match="recompute_activation_function is not implemented yet"):
-        build_config(th.flags(root, root) + ["--recompute-activation-function", "--recompute-granularity", "full",
-                                             "--recompute-method", "block", "--recompute-num-layers", "1"])
+    with pytest.raises(ValueError, match="return_document_ids is not implemented yet"):
+        build_config(th.flags(root, root) + ["--return-document-ids"])
 
 
 def test_eval_tensorboard_bf16_and_save_total_limit(root):

@@ -1,7 +1,7 @@
 """Loop features against runs without them, through the real `mindspeed train` path (4 steps,
 fp32, no dropout, tiny qwen2):
 
-- recomputation (full uniform, full block, selective core attention, norms) and the fused linear
+- recomputation (full uniform, full block, selective core attention, norms, MLP activations) and the fused linear
   cross-entropy change memory, not numbers: losses (1e-5) and grad norms (1e-4) of the plain run;
 - sequence parallelism at TP=2 equals TP=1;
 - virtual pipeline stages (PP=2 x 2 chunks of a 4-layer model, megatron's interleaved 1F1B) equal
@@ -30,6 +30,7 @@ RECOMPUTE = {
     "selective": ("--recompute-granularity", "selective", "--profile", "--profile-step-start", "1",
                   "--profile-step-end", "3"),
     "norm": ("--recompute-norm", "--use-mcore-models"),
+    "activation": ("--recompute-activation-function",),
     # not a recompute, but the same promise: the fused linear cross-entropy changes memory, not numbers
     "fused_ce": ("--cross-entropy-loss-fusion",),
 }

@@ -101,6 +101,7 @@ IMPLEMENTED_BY: dict[str, frozenset[str]] = {
         "recompute_method",
         "recompute_num_layers",
         "recompute_norm",
+        "recompute_activation_function",
         # mindspeed train always builds megatron-core models; the flag is accepted (the
         # recompute.norm.mcore rule asks for it) and changes nothing.
         "use_mcore_models",

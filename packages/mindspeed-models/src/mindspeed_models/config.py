@@ -139,7 +139,9 @@ def from_hf_config(config: Mapping | str | os.PathLike, **overrides) -> ModelSpe
     TransformerConfig fields (e.g. ``tensor_model_parallel_size=2``, ``params_dtype=torch.bfloat16``,
     ``perform_initialization=False``; they win over mapped values) and
     ``make_vocab_size_divisible_by`` (default 1: no padding; the padding multiple is this
-    times the TP size). Unknown ``model_type`` -> ValueError naming the registered ones;
+    times the TP size) and ``recompute_activation_function`` (dense MLPs drop their activation
+    output and recompute it in backward; MoE experts are not affected). Unknown ``model_type`` ->
+    ValueError naming the registered ones;
     unsupported values -> ValueError naming the key.
     """
     hf = read_hf_config(config)
@@ -147,6 +149,7 @@ def from_hf_config(config: Mapping | str | os.PathLike, **overrides) -> ModelSpe
     _check_keys(arch, hf)
     values = _resolve(arch, hf)
     divisible_by = overrides.pop("make_vocab_size_divisible_by", 1)
+    recompute_activation = bool(overrides.pop("recompute_activation_function", False))
     tc_kwargs = _transformer_kwargs(arch, values)
     mla = arch.layer_kind == "mla_moe"
     options: dict[str, Any] = {}
@@ -155,6 +158,7 @@ def from_hf_config(config: Mapping | str | os.PathLike, **overrides) -> ModelSpe
     elif mla:
         mla_kwargs, options = moe_config.deepseek_kwargs(arch, hf, values)
         tc_kwargs.update(mla_kwargs)
+    options["recompute_activation"] = recompute_activation
     rope = _rope_settings(values, tc_kwargs["kv_channels"])
     if rope.attention_factor != 1.0 and not mla:
         # HF multiplies cos and sin by the factor m; q and k are both rotated, so every score

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mindspeed_kernels import accelerator, modules, ops
 
-__all__ = ["RMSNorm", "SwiGLU", "param_device"]
+__all__ = ["ActivationRecomputeMLP", "RMSNorm", "SwiGLU", "param_device"]
 
 
 def param_device(config: TransformerConfig) -> torch.device:
@@ -62,3 +63,26 @@ class SwiGLU(torch.nn.Module):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         """No parameters: nothing to checkpoint (megatron's MLP asks each child for its sharded state)."""
         return {}
+
+
+class ActivationRecomputeMLP(MLP):
+    """megatron's MLP whose activation output is not kept for the backward pass (MindSpeed's
+    ``recompute_activation_function``): ``linear_fc2`` saves its input, the ``[s, b, ffn/tp]``
+    activation; here that tensor's storage is released right after fc2's forward and recomputed
+    from fc1's output (which the activation's own backward keeps anyway) when fc2's backward needs
+    it, with megatron's ``CheckpointWithoutOutput``. Same parameters, numbers and checkpoints as MLP.
+    """
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if per_token_scale is not None or not self.config.use_te_activation_func:
+            raise ValueError("ActivationRecomputeMLP: only the SwiGLU activation module path is supported")
+        from megatron.core.tensor_parallel import CheckpointWithoutOutput
+
+        intermediate, bias = self.linear_fc1(hidden_states)
+        if bias is not None:
+            intermediate = intermediate + bias
+        checkpoint = CheckpointWithoutOutput()
+        activated = checkpoint.checkpoint(self.activation_func, intermediate)
+        output, output_bias = self.linear_fc2(activated)
+        checkpoint.discard_output_and_register_recompute(output)
+        return output, output_bias

@@ -42,7 +42,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from mindspeed_models.architectures import Architecture
 from mindspeed_models.attention import FlashAttention
-from mindspeed_models.layers import RMSNorm, SwiGLU
+from mindspeed_models.layers import ActivationRecomputeMLP, RMSNorm, SwiGLU
 from mindspeed_models.mla import mla_layer_spec
 from mindspeed_models.moe import DeepSeekRouter, DeepSeekRouting, GroupedSwiGLUExperts
 from mindspeed_models.self_attention import KernelRopeSelfAttention
@@ -56,12 +56,14 @@ def _swiglu_mlp() -> MLPSubmodules:
     return MLPSubmodules(linear_fc1=ColumnParallelLinear, activation_func=SwiGLU, linear_fc2=RowParallelLinear)
 
 
-def dense_layer_spec(config: TransformerConfig, *, qk_norm: bool) -> ModuleSpec:
+def dense_layer_spec(config: TransformerConfig, *, qk_norm: bool, recompute_activation: bool = False) -> ModuleSpec:
     """A pre-norm GPT layer: RMSNorm -> causal self-attention -> RMSNorm -> SwiGLU MLP (config.ffn_hidden_size).
 
-    ``qk_norm`` adds per-head RMSNorms on q and k (Qwen3), applied before RoPE.
+    ``qk_norm`` adds per-head RMSNorms on q and k (Qwen3), applied before RoPE. ``recompute_activation``:
+    the MLP is :class:`~mindspeed_models.layers.ActivationRecomputeMLP` (activation output recomputed).
     """
-    mlp = ModuleSpec(module=MLP, params={"ffn_hidden_size": config.ffn_hidden_size}, submodules=_swiglu_mlp())
+    module = ActivationRecomputeMLP if recompute_activation else MLP
+    mlp = ModuleSpec(module=module, params={"ffn_hidden_size": config.ffn_hidden_size}, submodules=_swiglu_mlp())
     # As megatron's local spec: torch_dist checkpoints then match TransformerEngine models,
     # whose norms are fused into the following linear layers.
     keys_map = {
@@ -131,7 +133,7 @@ def _moe_flags(config: TransformerConfig) -> list[int]:
 
 def _moe_layers(arch: Architecture, config: TransformerConfig, options: Mapping[str, Any]) -> tuple[ModuleSpec, ...]:
     """MoE layers where ``config.moe_layer_freq`` is 1 (an int 1 = every layer), dense SwiGLU MLPs elsewhere."""
-    moe, dense = moe_layer_spec(config, qk_norm=arch.qk_norm), dense_layer_spec(config, qk_norm=arch.qk_norm)
+    moe, dense = moe_layer_spec(config, qk_norm=arch.qk_norm), _dense(arch, config, options)
     return tuple(moe if flag else dense for flag in _moe_flags(config))
 
 
@@ -148,12 +150,16 @@ def _mla_moe_layers(arch: Architecture, config: TransformerConfig, options: Mapp
     MoE with :class:`~mindspeed_models.moe.DeepSeekRouter` (``options["deepseek_routing"]``) and shared experts."""
     router = functools.partial(DeepSeekRouter, routing=options.get("deepseek_routing", DeepSeekRouting()))
     moe = _mla(moe_layer_spec(config, qk_norm=arch.qk_norm, router=router))
-    dense = _mla(dense_layer_spec(config, qk_norm=arch.qk_norm))
+    dense = _mla(_dense(arch, config, options))
     return tuple(moe if flag else dense for flag in _moe_flags(config))
 
 
+def _dense(arch: Architecture, config: TransformerConfig, options: Mapping[str, Any]) -> ModuleSpec:
+    return dense_layer_spec(config, qk_norm=arch.qk_norm, recompute_activation=options.get("recompute_activation", False))
+
+
 _BUILDERS = {
-    "dense": lambda arch, config, options: (dense_layer_spec(config, qk_norm=arch.qk_norm),) * config.num_layers,
+    "dense": lambda arch, config, options: (_dense(arch, config, options),) * config.num_layers,
     "moe": _moe_layers,
     "mla_moe": _mla_moe_layers,
 }
@@ -166,7 +172,8 @@ def layer_specs(
     """One spec per global layer (index 0 .. num_layers - 1) for ``arch``.
 
     ``options``: builder settings that are not TransformerConfig fields (``mla_moe``:
-    ``deepseek_routing``, a :class:`~mindspeed_models.moe.DeepSeekRouting`).
+    ``deepseek_routing``, a :class:`~mindspeed_models.moe.DeepSeekRouting`; any kind:
+    ``recompute_activation``, dense MLPs as :class:`~mindspeed_models.layers.ActivationRecomputeMLP`).
     """
     try:
         build = _BUILDERS[arch.layer_kind]

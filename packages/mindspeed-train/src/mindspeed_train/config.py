@@ -29,7 +29,8 @@ TRAIN_PARAMETERS = frozenset({
     "is_instruction_dataset", "neat_pack", "reset_attention_mask", "variable_seq_lengths", "pad_to_multiple_of", "no_shuffle",
     "calculate_per_token_loss", "sequence_parallel", "fp16", "loss_scale", "initial_loss_scale", "min_loss_scale",
     "loss_scale_window", "hysteresis", "recompute_granularity", "recompute_method", "recompute_num_layers",
-    "recompute_norm", "use_mcore_models", "num_layers_per_virtual_pipeline_stage", "cross_entropy_loss_fusion",
+    "recompute_norm", "recompute_activation_function", "use_mcore_models", "num_layers_per_virtual_pipeline_stage",
+    "cross_entropy_loss_fusion",
 })  # fmt: skip
 
 
@@ -68,22 +69,27 @@ class PrecisionSettings:
 class RecomputeSettings:
     """Activation recomputation, as megatron-core's TransformerConfig takes it: ``granularity``
     "full" (whole layers; ``method`` uniform/block over ``num_layers``) or "selective" (megatron's
-    default module: core attention); ``norm`` recomputes the layer norms (selective "layernorm")."""
+    default module: core attention); ``norm`` recomputes the layer norms (selective "layernorm");
+    ``activation_function`` drops each dense MLP's activation output after fc2 and recomputes it in
+    backward (mindspeed-models' ActivationRecomputeMLP)."""
 
     granularity: str | None = None
     method: str | None = None
     num_layers: int | None = None
     norm: bool = False
+    activation_function: bool = False
 
     def megatron_kwargs(self) -> dict:
-        """The TransformerConfig fields for these settings."""
-        if self.norm and self.granularity is not None:
-            raise ValueError("--recompute-norm together with --recompute-granularity is not implemented (megatron-core "
-                             "recomputes norms only in selective mode); drop one of them")  # fmt: skip
+        """The TransformerConfig fields (and mindspeed-models options) for these settings."""
+        for flag, on in (("--recompute-norm", self.norm), ("--recompute-activation-function", self.activation_function)):
+            if on and self.granularity is not None:
+                raise ValueError(f"{flag} together with --recompute-granularity is not implemented (megatron-core "
+                                 "cannot mix whole-layer and per-module recompute); drop one of them")  # fmt: skip
+        extra = {"recompute_activation_function": True} if self.activation_function else {}
         if self.norm:
-            return {"recompute_granularity": "selective", "recompute_modules": ["layernorm"]}
+            return {"recompute_granularity": "selective", "recompute_modules": ["layernorm"], **extra}
         if self.granularity is None:
-            return {}
+            return extra
         return {"recompute_granularity": self.granularity, "recompute_method": self.method,
                 "recompute_num_layers": self.num_layers}  # fmt: skip
 
@@ -241,7 +247,8 @@ class TrainConfig:
             ),
             eval=_eval(get), tensorboard_dir=get("tensorboard_dir"), precision=_precision(get),
             recompute=RecomputeSettings(granularity=get("recompute_granularity"), method=get("recompute_method"),
-                                        num_layers=get("recompute_num_layers"), norm=bool(get("recompute_norm"))),
+                                        num_layers=get("recompute_num_layers"), norm=bool(get("recompute_norm")),
+                                        activation_function=bool(get("recompute_activation_function"))),
             profile=_profile(get),
             data=_data(get), per_token_loss=bool(get("calculate_per_token_loss")),
             loss_fusion=bool(get("cross_entropy_loss_fusion")),
