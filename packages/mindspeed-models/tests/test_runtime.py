@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from mindspeed_kernels.testing import run_world
@@ -37,3 +38,25 @@ def _multi_rank(rank: int) -> None:
 @pytest.mark.slow
 def test_multi_rank_world_needs_an_explicit_layout():
     run_world(_multi_rank, 2, timeout_s=120)
+
+
+def _stale_groups(rank: int) -> None:
+    """A job that destroyed (or replaced) its process group but left megatron's state behind
+    must not break the next model build in the same process."""
+    from megatron.core import parallel_state
+
+    from mindspeed_models import ensure_parallel_state
+
+    ensure_parallel_state()
+    dist.destroy_process_group()  # megatron's groups now belong to no process group
+    assert ensure_parallel_state() is True
+    dist.all_reduce(torch.zeros(1), group=parallel_state.get_tensor_model_parallel_group())
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a new group, stale megatron state
+    ensure_parallel_state()
+    dist.all_reduce(torch.zeros(1), group=parallel_state.get_data_parallel_group())
+    parallel_state.destroy_model_parallel()
+
+
+def test_stale_megatron_groups_are_rebuilt():
+    run_world(_stale_groups, 1, timeout_s=60)

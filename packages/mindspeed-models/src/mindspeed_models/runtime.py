@@ -16,6 +16,15 @@ from mindspeed_kernels import accelerator
 __all__ = ["ensure_parallel_state"]
 
 
+def _groups_alive() -> bool:
+    """Whether megatron's groups belong to the current process group (torch raises for others)."""
+    try:
+        dist.get_world_size(group=parallel_state.get_tensor_model_parallel_group())
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
 def ensure_parallel_state(seed: int = 1234) -> bool:
     """Make megatron's parallel state usable in this process; True if this call created it.
 
@@ -31,6 +40,10 @@ def ensure_parallel_state(seed: int = 1234) -> bool:
     if not dist.is_initialized():
         dist.init_process_group(backend=accelerator.collective_backend(), store=dist.HashStore(), rank=0, world_size=1)
         created = True
+    if parallel_state.model_parallel_is_initialized() and not _groups_alive():
+        # megatron's groups outlived the process group they were made from (destroyed since, e.g.
+        # by an earlier job in this process): they are unusable, so build them again
+        parallel_state.destroy_model_parallel()
     if parallel_state.model_parallel_is_initialized():
         return created
     if dist.get_world_size() != 1:

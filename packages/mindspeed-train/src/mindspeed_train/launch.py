@@ -214,6 +214,16 @@ def _reexec_torchrun(nproc: int, argv: Sequence[str]) -> None:
     os.execv(sys.executable, cmd)
 
 
+def _shutdown() -> None:
+    """megatron's parallel state first (its groups belong to the process group), then the group."""
+    if "megatron.core" in sys.modules:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `mindspeed train` (and ``python -m mindspeed_train.launch``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -233,8 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mindspeed train: {error}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _shutdown()
     if steps and rank == 0:
         print(f"mindspeed train: done, iteration {steps[-1].iteration}, loss {steps[-1].loss:.6f}")
     return 0
