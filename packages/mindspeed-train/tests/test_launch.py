@@ -77,6 +77,22 @@ def test_main_exits_2_with_a_one_line_reason(root, capsys):
     assert len(err) == 1 and err[0].startswith("mindspeed train: --model is required")
 
 
+def _callers_group(rank: int, root: str) -> None:
+    import torch.distributed as dist
+
+    from mindspeed_train.launch import main
+
+    assert dist.is_initialized()  # run_world's group: the caller's, not main's
+    assert main(th.flags(root, root)[2:]) == 2
+    assert dist.is_initialized(), "main() must not destroy a process group it did not create"
+
+
+def test_main_leaves_a_callers_process_group_alone(root):
+    from mindspeed_kernels.testing import run_world
+
+    run_world(_callers_group, 1, root, timeout_s=60)
+
+
 def test_launcher_flags_are_split_from_megatron_flags():
     ours, rest = split_argv(["--model", "m", "--nproc", "2", "--seq-length", "8", "--output-dir", "o"])
     assert (ours.model, ours.nproc, ours.output_dir) == ("m", 2, "o") and rest == ["--seq-length", "8"]

@@ -237,13 +237,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         _reexec_torchrun(ours.nproc, argv)
     rank = int(os.environ.get("RANK", "0"))
+    owned = not dist.is_initialized()  # a caller's process group (and megatron state) is left alone
     try:
         steps = train(argv)
     except ValueError as error:
         print(f"mindspeed train: {error}", file=sys.stderr)
         return 2
     finally:
-        _shutdown()
+        if owned:
+            _shutdown()
     if steps and rank == 0:
         print(f"mindspeed train: done, iteration {steps[-1].iteration}, loss {steps[-1].loss:.6f}")
     return 0
