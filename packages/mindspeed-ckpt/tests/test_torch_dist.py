@@ -129,8 +129,35 @@ def test_cli_torch_dist_then_verify_and_back(tmp_path, capsys):
     # LoRA merging is legacy-only: refused in one line that names what works, and nothing is written
     assert main(["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(tmp_path / "merged"), "--lora-dir", str(hf)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--lora-dir is not supported for the torch_dist" in err and "merge_and_unload" in err
+    assert err.count("\n") == 1 and "LoRA merging" in err and "merge_and_unload" in err
     assert not (tmp_path / "merged").exists()
+    # an adapter scale without an adapter directory is not silently dropped either
+    assert main(["mcore-to-hf", "--mcore-dir", str(mc), "--out", str(tmp_path / "merged"), "--lora-alpha", "16"]) == 2
+    assert "LoRA merging" in capsys.readouterr().err and not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("flag", [["--noop-layers", "1"], ["--progress"]])
+def test_cli_refuses_flags_the_torch_dist_writer_does_not_honour(tmp_path, capsys, flag):
+    hf, _, _ = _hf(tmp_path, "qwen3_moe")
+    assert main(["hf-to-mcore", "--hf-dir", str(hf), "--out", str(tmp_path / "mc"), "--format", "torch_dist", *flag]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag[0]} is not implemented for --format torch_dist" in err
+    assert not (tmp_path / "mc").exists()
+
+
+def test_lora_tensors_in_a_torch_dist_checkpoint_are_refused(tmp_path):
+    """Exporting would keep the base weights and drop the adapters: refused, naming a tensor."""
+    import torch.distributed.checkpoint as dcp
+
+    from mindspeed_ckpt.torch_dist import EMBEDDING, saved_dtype
+
+    state = {EMBEDDING: torch.zeros(4, 2), "decoder.layers.0.mlp.linear_fc1.lora_A.weight": torch.zeros(1, 2)}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp_path)), no_dist=True)
+    with pytest.raises(NotImplementedError, match="lora_A.weight.*1 in all.*--ckpt-format torch"):
+        saved_dtype(tmp_path)
+    dcp.save({EMBEDDING: torch.zeros(4, 2, dtype=torch.bfloat16)}, storage_writer=dcp.FileSystemWriter(str(tmp_path / "b")),
+             no_dist=True)  # fmt: skip
+    assert saved_dtype(tmp_path / "b") == torch.bfloat16
 
 
 @pytest.mark.parametrize("flag", [["--tp", "2"], ["--pp", "2"], ["--ep", "2"], ["--vpp", "2"], ["--num-layer-list", "1,1"]])

@@ -173,9 +173,10 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out: str | os.PathLike, *, hf_conf
     from mindspeed_ckpt import torch_dist  # imports this module: import it late
 
     if torch_dist.is_torch_dist(mcore_dir):
-        if lora_dir is not None:
+        if lora_dir is not None or lora_alpha is not None or lora_rank is not None:
             # reshard reads legacy checkpoints only, so there is no route through it either: say what works.
-            raise NotImplementedError(f"--lora-dir is not supported for the torch_dist checkpoint {mcore_dir}; export the "
+            raise NotImplementedError(f"LoRA merging (--lora-dir/--lora-alpha/--lora-rank) is not supported for the "
+                                      f"torch_dist checkpoint {mcore_dir}; export the "
                                       "base with mcore-to-hf and merge a PEFT adapter with peft's merge_and_unload, or "
                                       "convert from a legacy checkpoint")
         return torch_dist.torch_dist_to_hf(mcore_dir, out, hf_config=hf_config, overwrite=overwrite,

@@ -47,6 +47,7 @@ EMBEDDING = "embedding.word_embeddings.weight"
 # flag -> default: layout flags of hf-to-mcore that a torch_dist checkpoint does not need
 LAYOUT_FLAGS = {"tp": 1, "pp": 1, "ep": 1, "vpp": 1, "num_layer_list": None,
                 "decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None}
+UNIMPLEMENTED_FLAGS = ("noop_layers", "progress")  # hf-to-mcore flags the torch_dist writer does not honour
 
 
 def _models():
@@ -111,14 +112,22 @@ def hf_to_torch_dist(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype
 
 
 def saved_dtype(step: Path) -> torch.dtype:
-    """The dtype the embedding was saved in (read from the torch.distributed.checkpoint metadata)."""
+    """The dtype the embedding was saved in (read from the torch.distributed.checkpoint metadata).
+    Raises NotImplementedError when the checkpoint holds LoRA adapter tensors: this path exports
+    the base weights only, and dropping the adapters silently would export a different model."""
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
         meta = FileSystemReader(str(step)).read_metadata().state_dict_metadata
-        return meta[EMBEDDING].properties.dtype
+        dtype = meta[EMBEDDING].properties.dtype
     except (OSError, KeyError, AttributeError, ValueError) as exc:
         raise ValueError(f"{step}: not a readable torch_dist checkpoint with {EMBEDDING!r} ({exc!r})") from None
+    adapters = sorted(name for name in meta if ".lora_A" in name or ".lora_B" in name)
+    if adapters:
+        raise NotImplementedError(f"{step}: holds LoRA adapter tensors ({adapters[0]!r}, {len(adapters)} in all); merging "
+                                  "them from a torch_dist checkpoint is not supported: save the run in legacy format "
+                                  "(--ckpt-format torch) and export that")
+    return dtype
 
 
 def torch_dist_to_hf(mcore_dir: str | os.PathLike, out: str | os.PathLike, *, hf_config: str | os.PathLike | None = None,
@@ -178,7 +187,12 @@ def write_hf(tmp: Path, cfg: Mapping, state: Mapping[str, torch.Tensor], *, padd
 
 
 def check_layout_flags(flags: Mapping[str, object]) -> None:
-    """ValueError when a layout flag is set with ``--format torch_dist`` (it is reshardable at load)."""
+    """ValueError when a layout flag is set with ``--format torch_dist`` (it is reshardable at load);
+    NotImplementedError for the flags this path does not implement (``--noop-layers``, ``--progress``)."""
+    for name in UNIMPLEMENTED_FLAGS:
+        if flags.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise NotImplementedError(f"{flag} is not implemented for --format torch_dist; drop it or use --format legacy")
     for name, default in LAYOUT_FLAGS.items():
         value = flags.get(name, default)
         if value != default:
