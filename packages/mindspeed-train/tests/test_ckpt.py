@@ -22,43 +22,14 @@ VARIANTS = {  # name -> (model, flags)
     "pp2": ("model", ("--pipeline-model-parallel-size", "2")),
     "ep2": ("moe", ("--expert-model-parallel-size", "2", "--use-distributed-optimizer")),
 }
-KILLED = "iter_0000004.tmp"
-
-
-class _Killed(RuntimeError):
-    pass
-
-
-def _killing_save(original):
-    """megatron's dist_checkpointing.save that dies after writing the step-4 checkpoint's shards."""
-
-    def save(state, path, *args, **kwargs):
-        original(state, path, *args, **kwargs)
-        if os.path.basename(os.path.normpath(path)) == KILLED:
-            raise _Killed(path)
-
-    return save
-
-
 def _ckpt_world(rank: int, root: str) -> None:
     from megatron.core import dist_checkpointing
 
     from mindspeed_train.launch import train
 
-    original = dist_checkpointing.save
     for name, (model, extra) in VARIANTS.items():
-        ck = os.path.join(root, f"{name}_ck")
-        dist_checkpointing.save = _killing_save(original)
-        try:
-            save = ("--save", ck, "--save-interval", "2", *extra)
-            train(th.flags(root, os.path.join(root, f"{name}_killed"), model=model, extra=save))
-            raise AssertionError("the step-4 save should have been killed")
-        except _Killed:
-            pass
-        finally:
-            dist_checkpointing.save = original
-        resume = ("--load", ck, "--save", ck, *extra)
-        train(th.flags(root, os.path.join(root, f"{name}_resumed"), model=model, extra=resume))
+        # megatron's dist_checkpointing.save(state, path): dies after writing the step-4 shards
+        th.kill_in_save_then_resume(root, name, model, extra, dist_checkpointing, "save", path_arg=1)
     # --finetune: the trained weights only; iteration, data position and schedule start over.
     train(th.flags(root, os.path.join(root, "finetune"), iters=1, extra=("--load", os.path.join(root, "plain_ck"), "--finetune")))
 
@@ -80,8 +51,8 @@ def test_killed_save_leaves_nothing_that_loads(tmp_path):
     from mindspeed_train import ckpt
 
     root = str(tmp_path)
-    os.makedirs(os.path.join(root, KILLED))
-    open(os.path.join(root, KILLED, "metadata.json"), "w").write("{}")
+    os.makedirs(os.path.join(root, th.KILLED))
+    open(os.path.join(root, th.KILLED, "metadata.json"), "w").write("{}")
     assert ckpt.latest_iteration(root) is None
 
 

@@ -34,23 +34,7 @@ VARIANTS = {  # name -> (model, flags, rank directories of a checkpoint, files i
             ["distrib_optim.pt", "model_optim_rng.pt"]),
 }  # fmt: skip
 WITH_LOGITS = ("tp2", "ep2")  # PP = 1 and fp32: one forward of the model gives the full logits
-KILLED = "iter_0000004.tmp"
 TOKENS = torch.randint(1, th.VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
-
-
-class _Killed(RuntimeError):
-    pass
-
-
-def _killing_save(original):
-    """ckpt_legacy.save that dies after writing the step-4 checkpoint's files."""
-
-    def save(step_dir, *args, **kwargs):
-        original(step_dir, *args, **kwargs)
-        if os.path.basename(os.path.normpath(step_dir)) == KILLED:
-            raise _Killed(step_dir)
-
-    return save
 
 
 def _logits(model) -> torch.Tensor:
@@ -90,21 +74,11 @@ def _resume_world(rank: int, root: str) -> None:
     from mindspeed_train import ckpt, ckpt_legacy
     from mindspeed_train.launch import train
 
-    original, original_ckpt = ckpt_legacy.save, ckpt.save_checkpoint
+    original_ckpt = ckpt.save_checkpoint
     ckpt.save_checkpoint = _recording_save(original_ckpt, root)
     for name, (model, extra, _, _) in VARIANTS.items():
-        ck = os.path.join(root, f"{name}_ck")
-        ckpt_legacy.save = _killing_save(original)
-        try:
-            save = ("--save", ck, "--save-interval", "2", *LEGACY, *extra)
-            train(th.flags(root, os.path.join(root, f"{name}_killed"), model=model, extra=save))
-            raise AssertionError("the step-4 save should have been killed")
-        except _Killed:
-            pass
-        finally:
-            ckpt_legacy.save = original
-        resume = ("--load", ck, "--save", ck, *LEGACY, *extra)
-        train(th.flags(root, os.path.join(root, f"{name}_resumed"), model=model, extra=resume))
+        # ckpt_legacy.save(step_dir, ...): dies after writing the step-4 rank files
+        th.kill_in_save_then_resume(root, name, model, (*LEGACY, *extra), ckpt_legacy, "save", path_arg=0)
     ckpt.save_checkpoint = original_ckpt
     # No --ckpt-format: the format of --load is read from its contents.
     finetune = ("--load", os.path.join(root, "pp2_ck"), "--finetune", "--pipeline-model-parallel-size", "2")

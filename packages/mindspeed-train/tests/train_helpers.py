@@ -76,6 +76,42 @@ def read(out: str) -> list[dict]:
     return read_metrics(out)
 
 
+KILLED = "iter_0000004.tmp"  # the checkpoint the kill-in-save pattern interrupts
+
+
+class Killed(RuntimeError):
+    """Raised in place of the process dying inside a save."""
+
+
+def kill_in_save_then_resume(root: str, name: str, model: str, extra: tuple[str, ...], owner, attr: str,
+                             path_arg: int) -> None:
+    """Run ``{name}_killed`` (4 steps, saving every 2 into ``{name}_ck``) with ``owner.attr`` (a
+    checkpoint writer whose positional argument ``path_arg`` is the directory it writes) replaced by
+    one that raises :class:`Killed` right after writing the step-4 checkpoint, before its rename;
+    then ``{name}_resumed`` from that directory. ``extra``: flags of both runs."""
+    from mindspeed_train.launch import train
+
+    original = getattr(owner, attr)
+
+    def killing(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if os.path.basename(os.path.normpath(args[path_arg])) == KILLED:
+            raise Killed(args[path_arg])
+        return result
+
+    ck = os.path.join(root, f"{name}_ck")
+    setattr(owner, attr, killing)
+    try:
+        train(flags(root, os.path.join(root, f"{name}_killed"), model=model, extra=("--save", ck, "--save-interval", "2",
+                                                                                   *extra)))  # fmt: skip
+        raise AssertionError("the step-4 save should have been killed")
+    except Killed:
+        pass
+    finally:
+        setattr(owner, attr, original)
+    train(flags(root, os.path.join(root, f"{name}_resumed"), model=model, extra=("--load", ck, "--save", ck, *extra)))
+
+
 def check_killed_then_resumed(root: str, name: str) -> str:
     """The kill-in-save-4 / resume-from-2 pattern of the checkpoint tests: run ``{name}_killed``
     logged steps 1-4, ``{name}_resumed`` steps 3-4 equal to them (1e-7), and the resumed run's own

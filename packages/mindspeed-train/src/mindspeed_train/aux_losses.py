@@ -57,7 +57,10 @@ def _moe_layers(config) -> int:
 
 def collect(config, num_microbatches: int) -> dict[str, float]:
     """The step's auxiliary losses (name -> value; empty for dense models without MTP), read from
-    megatron's trackers and cleared there. Collective: every rank must call it after each step."""
+    megatron's trackers and cleared there. Collective: every rank must call it after each step
+    (a model without MoE layers or MTP has nothing to track: no communication then)."""
+    if not config.num_moe_experts and not config.mtp_num_layers:
+        return {}
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 

@@ -226,8 +226,8 @@ def evaluate(job: Job, valid_iterator, eval_iters: int) -> float:
     try:
         with torch.no_grad():
             for _ in range(eval_iters):
+                # (megatron's routers and MTP record auxiliary losses only in training mode)
                 losses.append(_reduce_loss(_schedule(job, valid_iterator, forward_only=True)))
-                aux_losses.collect(job.spec.config, job.config.batch.num_microbatches)  # not the step's: drop
     finally:
         for chunk in job.chunks:
             chunk.train()
@@ -247,38 +247,37 @@ def _current_lr(job: Job) -> float:
 def run(job: Job, data_iterator, log: MetricsLog, valid_iterator=None, eval_iters: int = 0) -> list[StepMetrics]:
     """Train from ``job.iteration`` to ``train_iters``, evaluating every ``eval.interval`` (when
     ``valid_iterator`` is given) and saving every ``save_interval`` and at the end."""
-    config, steps = job.config, []
-    interval = config.eval.interval if valid_iterator is not None and eval_iters > 0 else None
-    tokens = config.batch.global_ * config.batch.seq_length
-    profiler = TrainProfiler(config.profile, dist.get_rank(), start_iteration=job.iteration)
+    steps: list[StepMetrics] = []
+    profiler = TrainProfiler(job.config.profile, dist.get_rank(), start_iteration=job.iteration)
     try:
-        _loop(job, data_iterator, log, valid_iterator, eval_iters, interval, tokens, profiler, steps)
+        while job.iteration < job.config.train_iters:
+            step = _step_and_evaluate(job, data_iterator, valid_iterator, eval_iters)
+            steps.append(step)
+            log.record(step)
+            if _should_save(job.config, job.iteration):
+                save(job)
+            profiler.step(job.iteration)  # after the save, where megatron stops its profiler
     finally:
         profiler.close()
     log.close()
     return steps
 
 
-def _loop(job, data_iterator, log, valid_iterator, eval_iters, interval, tokens, profiler, steps) -> None:
+def _step_and_evaluate(job: Job, data_iterator, valid_iterator, eval_iters: int) -> StepMetrics:
+    """One training step (and the evaluation due after it) as the metrics of that iteration."""
     config = job.config
-    while job.iteration < config.train_iters:
-        start = time.monotonic()
-        result = train_step(job, data_iterator)
-        job.iteration += 1
-        job.consumed_samples += config.batch.global_
-        seconds = time.monotonic() - start
-        eval_loss = None
-        if interval and job.iteration % interval == 0:
-            eval_loss = evaluate(job, valid_iterator, eval_iters)
-        step = StepMetrics(iteration=job.iteration, loss=result.loss, lr=_current_lr(job), grad_norm=result.grad_norm,
-                           seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
-                           consumed_samples=job.consumed_samples, eval_loss=eval_loss, memory_mb=_peak_memory_mb(),
-                           loss_scale=result.loss_scale, skipped=result.skipped, aux=result.aux)  # fmt: skip
-        steps.append(step)
-        log.record(step)
-        if _should_save(config, job.iteration):
-            save(job)
-        profiler.step(job.iteration)  # after the save, where megatron stops its profiler
+    start = time.monotonic()
+    result = train_step(job, data_iterator)
+    job.iteration += 1
+    job.consumed_samples += config.batch.global_
+    seconds = time.monotonic() - start
+    interval = config.eval.interval if valid_iterator is not None and eval_iters > 0 else None
+    eval_loss = evaluate(job, valid_iterator, eval_iters) if interval and job.iteration % interval == 0 else None
+    tokens = config.batch.global_ * config.batch.seq_length
+    return StepMetrics(iteration=job.iteration, loss=result.loss, lr=_current_lr(job), grad_norm=result.grad_norm,
+                       seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9), consumed_samples=job.consumed_samples,
+                       eval_loss=eval_loss, memory_mb=_peak_memory_mb(), loss_scale=result.loss_scale,
+                       skipped=result.skipped, aux=result.aux)  # fmt: skip
 
 
 def _should_save(config: TrainConfig, iteration: int) -> bool:

@@ -66,44 +66,6 @@ class InstructionSequences:
         return any(int(np.max(masks[i], initial=0)) > 1 for i in range(min(probe, len(masks))))
 
 
-def _dataset_class():
-    from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
-    from megatron.core.datasets.megatron_dataset import MegatronDataset
-
-    @dataclass
-    class InstructionDatasetConfig(BlendedMegatronDatasetConfig):
-        shuffle: bool = True
-
-    class InstructionDataset(MegatronDataset):
-        """Samples = the split's sequences in per-epoch permutations; item -> dict of int64 arrays
-        ``input_ids``, ``labels``, ``attention_mask`` (variable length; the collator pads)."""
-
-        def __init__(self, dataset, dataset_path, indices, num_samples, index_split, config) -> None:
-            super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
-            self.order = epoch_order(indices, num_samples, seed=config.random_seed, shuffle=config.shuffle)
-
-        @staticmethod
-        def numel_low_level_dataset(low_level_dataset) -> int:
-            return len(low_level_dataset)
-
-        @staticmethod
-        def build_low_level_dataset(dataset_path: str, config) -> InstructionSequences:
-            return InstructionSequences(dataset_path, mmap=config.mmap_bin_files)
-
-        @staticmethod
-        def _key_config_attributes() -> list[str]:
-            return [*MegatronDataset._key_config_attributes(), "shuffle"]
-
-        def __len__(self) -> int:
-            return len(self.order)
-
-        def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
-            ids, labels, mask = self.dataset.get(int(self.order[idx]))
-            return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-    return InstructionDatasetConfig, InstructionDataset
-
-
 def epoch_order(indices: np.ndarray, num_samples: int | None, *, seed: int, shuffle: bool) -> np.ndarray:
     """Sequence ids for ``num_samples`` samples (None: one epoch): whole epochs over ``indices``,
     each a fresh permutation from one seeded generator (``shuffle`` False: file order)."""
@@ -126,11 +88,12 @@ def build_instruction_datasets(data_path: tuple[str, ...], *, split: str, seq_le
 
     for prefix in data_path[1::2] if len(data_path) > 1 else data_path:
         _check_files(prefix)
-    config_cls, dataset_cls = _dataset_class()
-    config = config_cls(random_seed=seed, sequence_length=seq_length, blend=get_blend_from_list(list(data_path)),
+    from mindspeed_train.data.sft_dataset import InstructionDataset, InstructionDatasetConfig
+
+    config = InstructionDatasetConfig(random_seed=seed, sequence_length=seq_length, blend=get_blend_from_list(list(data_path)),
                         split=split, path_to_cache=None, mmap_bin_files=True, shuffle=shuffle)  # fmt: skip
     sizes = split_sizes(data_path, num_samples, valid_samples)
-    train, valid, _ = BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, config).build()
+    train, valid, _ = BlendedMegatronDatasetBuilder(InstructionDataset, sizes, lambda: True, config).build()
     if train is None or len(train) < num_samples:
         raise ValueError(f"--split {split!r} leaves no training sequences; give the train split a share, e.g. 100,0,0")
     return train, valid if valid_samples != 0 else None
