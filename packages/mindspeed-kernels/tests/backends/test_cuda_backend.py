@@ -4,11 +4,9 @@ formulas written here. Numeric tests on a GPU are skipped without one."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from kernels_naive import from_bnsd, to_bnsd
+from kernels_naive import naive_attention
 
 from mindspeed_kernels import ops, registry
 from mindspeed_kernels.backends import cuda, npu, reference
@@ -160,15 +158,6 @@ def test_rms_norm_module(dtype, offset, compute_in_fp32):
 
 
 
-def naive_attention(q, k, v, layout, n_q, n_kv, causal, scale):
-    """Full-matrix formula (Sq == Skv when causal): out in the layout, lse [B, Nq, S]."""
-    q4, k4, v4 = to_bnsd(q, layout, n_q), to_bnsd(k, layout, n_kv), to_bnsd(v, layout, n_kv)
-    k4, v4 = k4.repeat_interleave(n_q // n_kv, 1), v4.repeat_interleave(n_q // n_kv, 1)
-    s = scale * q4 @ k4.transpose(-1, -2)
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
-    lse = torch.logsumexp(s, -1)
-    return from_bnsd(torch.softmax(s, -1) @ v4, layout), lse
 
 
 def shape_of(layout, b, n, s, d):

@@ -1,6 +1,6 @@
 """torch's fused attention kernels behind flash_attention: the fit predicates, which calls take
 them (and which keep the blockwise reference), and their results against a naive formula
-written here (K/V repeated per query head, the whole score matrix in float64, softmax, matmul;
+(kernels_naive.naive_attention: K/V repeated per query head, the whole score matrix in float64, softmax, matmul;
 torch autograd of it for the gradients), through out and the log-sum-exp."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from kernels_naive import from_bnsd, layout_shape, to_bnsd
+from kernels_naive import layout_shape, naive_attention
 
 from mindspeed_kernels import ops, registry
 from mindspeed_kernels.backends import _torch_sdpa
@@ -99,17 +99,7 @@ def test_cuda_prefers_flash_and_takes_efficient_for_float32_only():
     assert all(name in _torch_sdpa.KERNELS for name, _ in cuda_attention.PATHS)
 
 
-# ----------------------------------------------------------------------------- naive formula
-
-
-def naive(q, k, v, layout, n_q, n_kv, causal, scale):
-    """out in the layout and lse [B, Nq, Sq] (causal: top-left, used with Sq == Skv only)."""
-    q4, k4, v4 = to_bnsd(q, layout, n_q), to_bnsd(k, layout, n_kv), to_bnsd(v, layout, n_kv)
-    k4, v4 = k4.repeat_interleave(n_q // n_kv, 1), v4.repeat_interleave(n_q // n_kv, 1)
-    s = scale * q4 @ k4.transpose(-1, -2)
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
-    return from_bnsd(torch.softmax(s, -1) @ v4, layout), torch.logsumexp(s, -1)
+# ----------------------------------------------------------------------------- inputs (the naive formula: kernels_naive)
 
 
 def inputs(layout, n_q, n_kv, s_q, s_kv, d, dtype, device="cpu", batch=2):
@@ -140,7 +130,7 @@ def results(layout, n_kv, s_q, s_kv, d, dtype, mode, device="cpu", call=None):
     got = (out, lse, *loss_grads(out, lse, xs))
     low_in = [x.detach().clone().requires_grad_() for x in xs]
     exact_in = [x.detach().cpu().double().requires_grad_() for x in xs]
-    low, exact = naive(*low_in, layout, n_q, n_kv, mode != 0, scale), naive(*exact_in, layout, n_q, n_kv, mode != 0, scale)
+    low, exact = (naive_attention(*x, layout, n_q, n_kv, mode != 0, scale) for x in (low_in, exact_in))
     low, exact = (*low, *loss_grads(*low, low_in)), (*exact, *loss_grads(*exact, exact_in))
     return [tuple(t.detach().cpu() for t in r) for r in (got, low, exact)]
 
@@ -182,7 +172,7 @@ def test_cpu_inputs_with_a_strided_last_dim(kernel_calls):
     out, lse = ops.flash_attention(q, k, v, "BNSD", 2)
     assert kernel_calls == ["flash_cpu"]
     xs = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref_out, ref_lse = naive(*xs, "BNSD", 4, 4, True, 8**-0.5)
+    ref_out, ref_lse = naive_attention(*xs, "BNSD", 4, 4, True, 8**-0.5)
     for got, want in zip((out, lse, *loss_grads(out, lse, (q, k, v))), (ref_out, ref_lse, *loss_grads(ref_out, ref_lse, xs)),
                          strict=True):
         assert_close(got, want, torch.float32)
