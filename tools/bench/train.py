@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -99,7 +100,7 @@ def launch_flags(model: Path, prefix: str, s: dict, a: argparse.Namespace, iters
             "--adam-beta1", str(a.betas[0]), "--adam-beta2", str(a.betas[1]), "--adam-eps", str(a.eps),
             "--clip-grad", str(a.clip_grad), "--seed", str(a.seed), "--log-interval", "1",
             # no padded vocabulary rows: they would join ours' softmax and part the loss trajectories
-            "--make-vocab-size-divisible-by", "1"]  # fmt: skip
+            "--make-vocab-size-divisible-by", "1", *shlex.split(a.train_args)]  # fmt: skip
 
 
 def _init_process_group() -> None:
@@ -298,6 +299,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="largest accepted per-step |ours - hf| loss difference (default 1e-3 on CPU, 5e-2 on accelerators)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile one more step per side and print its top N ops (default 0: off)")
+    ap.add_argument("--train-args", default="", metavar="FLAGS",
+                    help="extra `mindspeed train` flags for ours, e.g. '--cross-entropy-loss-fusion' (one string)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     a = ap.parse_args(argv)
     if a.accum < 1:

@@ -129,3 +129,26 @@ def check_killed_then_resumed(root: str, name: str) -> str:
     assert sorted(os.listdir(ck)) == ["hf_config", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
     assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read() == "4"
     return ck
+
+
+LOSS_TOL, NORM_TOL = 1e-5, 1e-4  # the invariance tests' limits: per-step loss and grad-norm differences
+
+
+def assert_same_run(got: list[dict], want: list[dict], loss_tol: float = LOSS_TOL, norm_tol: float = NORM_TOL) -> None:
+    """Two 4-step runs' metrics agree: losses, grad norms, auxiliary and eval losses within the
+    limits; learning rates and consumed samples equal; and the reference's parameters moved."""
+    import pytest
+
+    assert [r["iteration"] for r in got] == [1, 2, 3, 4] == [r["iteration"] for r in want]
+    assert want[0]["loss"] != want[-1]["loss"], "the parameters must change between steps"
+    for mine, ref in zip(got, want, strict=True):
+        assert abs(mine["loss"] - ref["loss"]) <= loss_tol, (mine, ref)
+        assert abs(mine["grad_norm"] - ref["grad_norm"]) <= norm_tol, (mine, ref)
+        assert mine["lr"] == pytest.approx(ref["lr"], rel=1e-12)
+        assert mine["consumed_samples"] == ref["consumed_samples"]
+        assert (mine["aux"] or {}).keys() == (ref["aux"] or {}).keys()
+        for name, value in (ref["aux"] or {}).items():
+            assert abs(mine["aux"][name] - value) <= loss_tol, (name, mine, ref)
+        assert (mine.get("eval_loss") is None) == (ref.get("eval_loss") is None)
+        if ref.get("eval_loss") is not None:
+            assert abs(mine["eval_loss"] - ref["eval_loss"]) <= loss_tol, (mine, ref)

@@ -110,6 +110,25 @@ IMPLEMENTED_BY: dict[str, frozenset[str]] = {
         # Issue #6: the LM and MTP losses through mindspeed_kernels' fused linear cross-entropy
         # (cross_entropy_fusion_impl stays "native": "te" needs TransformerEngine).
         "cross_entropy_loss_fusion",
+        # Issue #7: context parallelism in the loop (mindspeed_parallel.cp through mindspeed_models'
+        # FlashAttention): ulysses, megatron ring (double ring, send/recv overlap), hybrid, adaptive
+        # and hybrid adaptive, with causal or general (explicit) masks.
+        "context_parallel_size",
+        "context_parallel_algo",
+        "ulysses_degree_in_cp",
+        "cp_attention_mask_type",
+        "cp_window_size",
+        "use_cp_send_recv_overlap",
+        "kv_head_repeat_before_uly_alltoall",
+        "attention_mask_on_cpu",
+        "adaptive_cp_without_coarse",
+        "adaptive_cp_dynamic_attn_mask",
+        "adaptive_cp_only_reschedule",
+        "adaptive_cp_manually_set_mask_list",
+        # Issue #7: DualPipeV (mindspeed_parallel.pipeline through mindspeed_train.dualpipe), with
+        # the weight-gradient pass of megatron's linear layers deferred in the cooldown.
+        "schedules_method",
+        "dualpipev_dw_detach",
     }),
 }
 

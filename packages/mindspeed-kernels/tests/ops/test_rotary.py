@@ -85,6 +85,14 @@ def test_gradcheck_float64(interleaved):
     assert torch.autograd.gradcheck(lambda a, c, s: rotary_pos_emb(a, c, s, interleaved), (x, cos, sin))
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gradcheck_float64_constant_tables(interleaved):
+    # constant cos/sin (the usual case) take the analytic backward, not autograd's replay
+    x = torch.randn(3, 2, 6, dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(3, 1, 4, dtype=torch.float64), torch.randn(3, 1, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: rotary_pos_emb(a, cos, sin, interleaved), (x,))
+
+
 X = torch.ones(4, 2, 8)
 C = torch.ones(4, 1, 8)
 

@@ -63,8 +63,8 @@ class FlashAttention(MegatronModule):
         pg_collection=None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("FlashAttention: context_parallel_size must be 1 (context parallelism is not wired in yet)")
+        # Set by mindspeed_models.context_parallel.enable_context_parallel when context_parallel_size > 1.
+        self.context_parallel = None
         if config.softmax_type != "vanilla":
             raise ValueError(f"FlashAttention: softmax_type={config.softmax_type!r} is not implemented; use 'vanilla'")
         self.layer_number = max(1, layer_number)
@@ -102,6 +102,8 @@ class FlashAttention(MegatronModule):
         return self._attend(query, key, value, attention_mask, mask_type, scale, dropout, packed_seq_params)
 
     def _attend(self, q, k, v, attention_mask, mask_type, scale, dropout, packed) -> torch.Tensor:
+        if self.config.context_parallel_size > 1:
+            return self._attend_cp(q, k, v, attention_mask, mask_type, scale, dropout, packed)
         if packed is not None:
             return self._attend_packed(q, k, v, attention_mask, mask_type, scale, dropout, packed)
         if q.dim() != 4:
@@ -123,6 +125,22 @@ class FlashAttention(MegatronModule):
             num_heads=heads,
         )
         return out
+
+    def _attend_cp(self, q, k, v, attention_mask, mask_type, scale, dropout, packed) -> torch.Tensor:
+        """This rank's [S/cp, B, N, D] tokens through the job's context-parallel algorithm."""
+        cp = self.context_parallel
+        if cp is None:
+            raise ValueError("FlashAttention: context_parallel_size > 1 needs "
+                             "mindspeed_models.context_parallel.enable_context_parallel(model, ...) after building")  # fmt: skip
+        unsupported = {"packed (THD) sequences": packed is not None, "attention dropout": dropout > 0.0,
+                       "sliding-window attention": self.window is not None,
+                       "an attention_mask": attention_mask is not None and mask_type != AttnMaskType.no_mask}  # fmt: skip
+        for what, present in unsupported.items():
+            if present:
+                raise ValueError(f"FlashAttention: {what} under context parallelism is not implemented yet")
+        causal = _CAUSAL.get(mask_type) is not None
+        out = cp.attend(q, k, v, causal, None, scale)
+        return out.reshape(out.shape[0], out.shape[1], -1)
 
     def _mask_args(self, attention_mask, mask_type, sq: int, sk: int, device):
         """(sparse_mode, pre_tokens, next_tokens, atten_mask) for flash_attention."""

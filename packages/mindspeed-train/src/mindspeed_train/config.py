@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from mindspeed_parallel.cp.config import CPConfig
+
 LR_STYLES = ("cosine", "linear", "constant")
 
 # The canonical parameters `mindspeed train` reads (TrainConfig.from_args and the model-size flags of
@@ -31,6 +33,10 @@ TRAIN_PARAMETERS = frozenset({
     "loss_scale_window", "hysteresis", "recompute_granularity", "recompute_method", "recompute_num_layers",
     "recompute_norm", "recompute_activation_function", "use_mcore_models", "num_layers_per_virtual_pipeline_stage",
     "cross_entropy_loss_fusion",
+    "context_parallel_size", "context_parallel_algo", "ulysses_degree_in_cp", "cp_attention_mask_type",
+    "cp_window_size", "use_cp_send_recv_overlap", "kv_head_repeat_before_uly_alltoall", "attention_mask_on_cpu",
+    "adaptive_cp_without_coarse", "adaptive_cp_dynamic_attn_mask", "adaptive_cp_only_reschedule",
+    "adaptive_cp_manually_set_mask_list", "schedules_method", "dualpipev_dw_detach",
 })  # fmt: skip
 
 
@@ -47,6 +53,10 @@ class ParallelSettings:
     world: int
     sequence_parallel: bool = False  # megatron's SP: activations outside TP regions split over the sequence
     virtual: int | None = None  # model chunks per pipeline stage (interleaved 1F1B); None: one
+    context: int = 1  # context-parallel ranks: each holds 1/context of every sequence
+    cp: CPConfig | None = None  # the CP algorithm and its options when context > 1
+    schedule: str | None = None  # --schedules-method: None (megatron's 1F1B / interleaved) or "dualpipev"
+    dw_detach: bool = False  # --dualpipev-dw-detach: DualPipeV defers weight gradients in its cooldown
 
 
 @dataclass(frozen=True)
@@ -221,9 +231,11 @@ class TrainConfig:
         _require(get, "train_iters", "--train-iters N")
         _require(get, "data_path", "--data-path PREFIX (an indexed dataset from `mindspeed preprocess`)")
         tp, pp, ep = get("tensor_model_parallel_size"), get("pipeline_model_parallel_size"), get("expert_model_parallel_size")
-        if world_size % (tp * pp):
-            raise ValueError(f"TP {tp} x PP {pp} does not divide the world size {world_size}; change the parallel sizes")
-        dp = world_size // (tp * pp)
+        cp = get("context_parallel_size") or 1
+        if world_size % (tp * pp * cp):
+            raise ValueError(f"TP {tp} x PP {pp} x CP {cp} does not divide the world size {world_size}; "
+                             "change the parallel sizes")  # fmt: skip
+        dp = world_size // (tp * pp * cp)
         micro, global_ = get("micro_batch_size"), get("global_batch_size") or get("micro_batch_size") * dp
         if global_ % (micro * dp):
             raise ValueError(f"--global-batch-size {global_} is not a multiple of micro batch {micro} x data-parallel {dp}")
@@ -235,7 +247,9 @@ class TrainConfig:
             output_dir=output_dir or save or os.path.join(os.getcwd(), "output"),
             tokenizer=get("tokenizer_name_or_path"),
             parallel=ParallelSettings(tensor=tp, pipeline=pp, expert=ep, data=dp, world=world_size,
-                                      sequence_parallel=bool(get("sequence_parallel")), virtual=_virtual(get)),
+                                      sequence_parallel=bool(get("sequence_parallel")), virtual=_virtual(get),
+                                      context=cp, cp=_cp(get, cp), schedule=get("schedules_method"),
+                                      dw_detach=bool(get("dualpipev_dw_detach"))),
             batch=BatchSettings(micro=micro, global_=global_, seq_length=_seq_length(get),
                                 num_microbatches=global_ // (micro * dp)),
             optim=_optim(get),
@@ -268,6 +282,22 @@ def _eval(get) -> EvalSettings:
     if iters is None or iters < -1:
         raise ValueError(f"--eval-iters {iters!r} is invalid; pass a positive count, 0 (off) or -1 (whole split)")
     return EvalSettings(interval=interval if iters != 0 else None, iters=iters)
+
+
+def _cp(get, size: int) -> CPConfig | None:
+    """The CP algorithm's settings (mindspeed-args has checked the cross-parameter rules)."""
+    if size == 1:
+        return None
+    return CPConfig(
+        algo=get("context_parallel_algo"), size=size, ulysses_degree=get("ulysses_degree_in_cp"),
+        mask_type=get("cp_attention_mask_type"), window_size=get("cp_window_size") or 1,
+        send_recv_overlap=bool(get("use_cp_send_recv_overlap")),
+        kv_head_repeat=bool(get("kv_head_repeat_before_uly_alltoall")), mask_on_cpu=bool(get("attention_mask_on_cpu")),
+        adaptive_without_coarse=bool(get("adaptive_cp_without_coarse")),
+        adaptive_dynamic_attn_mask=bool(get("adaptive_cp_dynamic_attn_mask")),
+        adaptive_only_reschedule=bool(get("adaptive_cp_only_reschedule")),
+        adaptive_manually_set_mask_list=bool(get("adaptive_cp_manually_set_mask_list")),
+    )  # fmt: skip
 
 
 def _virtual(get) -> int | None:

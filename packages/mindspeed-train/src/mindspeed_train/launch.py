@@ -25,6 +25,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from mindspeed_train import context
 from mindspeed_train.config import TrainConfig
 
 _HELP = """usage: mindspeed train --model HF_DIR_OR_CONFIG [--nproc N] [--output-dir DIR] [--config FILE] [MEGATRON FLAGS...]
@@ -159,8 +160,10 @@ def build_config(argv: Sequence[str]) -> TrainConfig:
         lines = [f"{_values(bad.params)}: {bad.constraint} ({bad.fix})" for bad in report.violations]
         raise ValueError("invalid launch:\n  " + "\n  ".join(lines))
     _check_model_flags(report.config, hf, model)
-    return TrainConfig.from_args(report.config, model=model, output_dir=ours.output_dir, world_size=_world_size(),
-                                 save_total_limit=_save_total_limit(ours.save_total_limit))  # fmt: skip
+    config = TrainConfig.from_args(report.config, model=model, output_dir=ours.output_dir, world_size=_world_size(),
+                                   save_total_limit=_save_total_limit(ours.save_total_limit))  # fmt: skip
+    context.check(config, hf)
+    return config
 
 
 def _init_distributed() -> None:

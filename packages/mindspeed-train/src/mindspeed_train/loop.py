@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mindspeed_train import aux_losses, ckpt
+from mindspeed_train import aux_losses, ckpt, context
 from mindspeed_train.config import TrainConfig
 from mindspeed_train.metrics import MetricsLog, StepMetrics
 from mindspeed_train.profiling import TrainProfiler
@@ -42,6 +42,7 @@ class Job:
     spec: object  # mindspeed_models.ModelSpec
     iteration: int = 0
     consumed_samples: int = 0
+    cp: object | None = None  # mindspeed_models.context_parallel.ContextParallel when context_parallel_size > 1
 
     @property
     def model(self):
@@ -63,9 +64,14 @@ def init_parallel(config: TrainConfig) -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     layout = config.parallel
-    ps.initialize_model_parallel(tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
-                                 virtual_pipeline_model_parallel_size=layout.virtual,
-                                 expert_model_parallel_size=layout.expert)  # fmt: skip
+    kwargs = dict(tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
+                  virtual_pipeline_model_parallel_size=layout.virtual, context_parallel_size=layout.context,
+                  expert_model_parallel_size=layout.expert)  # fmt: skip
+    if layout.schedule == "dualpipev":  # two V-shaped chunks per rank: mindspeed_train.dualpipe
+        from mindspeed_train import dualpipe
+
+        kwargs.update(dualpipe.parallel_state_kwargs(config))
+    ps.initialize_model_parallel(**kwargs)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -80,6 +86,7 @@ def build_job(config: TrainConfig) -> Job:
     from megatron.core.transformer.module import Float16Module
 
     import mindspeed_models as mm
+    from mindspeed_models.context_parallel import enable_context_parallel
     from mindspeed_train.optim import build_optimizer, build_scheduler
 
     layout, precision = config.parallel, config.precision
@@ -87,7 +94,7 @@ def build_job(config: TrainConfig) -> Job:
     spec = mm.from_hf_config(
         config.model, tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
         expert_model_parallel_size=layout.expert, virtual_pipeline_model_parallel_size=layout.virtual,
-        sequence_parallel=layout.sequence_parallel, params_dtype=dtype,
+        sequence_parallel=layout.sequence_parallel, context_parallel_size=layout.context, params_dtype=dtype,
         pipeline_dtype=dtype, bf16=precision.bf16, fp16=precision.fp16,
         make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
         calculate_per_token_loss=config.per_token_loss, cross_entropy_loss_fusion=config.loss_fusion,
@@ -98,11 +105,23 @@ def build_job(config: TrainConfig) -> Job:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=config.optim.distributed_optimizer
     )
+    cp = context.build(config)
+    if layout.schedule == "dualpipev":  # the V layout's two chunks per rank: mindspeed_train.dualpipe
+        from mindspeed_train import dualpipe
+
+        spec, models = dualpipe.build_models(config, spec)
+        finalize = None  # dualpipe.schedule finalises the grads itself
+    else:
+        models, finalize = [], finalize_model_grads
+        for stage in range(layout.virtual or 1):
+            vp = stage if layout.virtual else None
+            models.append(mm.build_model(spec, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                                         post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                                         vp_stage=vp))  # fmt: skip
     chunks = []
-    for stage in range(layout.virtual or 1):
-        vp = stage if layout.virtual else None
-        model = mm.build_model(spec, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                               post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp), vp_stage=vp)
+    for stage, model in enumerate(models):
+        if cp is not None:
+            enable_context_parallel(model, cp)
         if dtype != torch.float32:
             # Casts the first stage's inputs to bf16/fp16 and the last stage's output (per-token loss) to fp32.
             model = Float16Module(spec.config, model)
@@ -110,18 +129,23 @@ def build_job(config: TrainConfig) -> Job:
         chunks.append(DistributedDataParallel(spec.config, ddp_config, model, disable_bucketing=stage > 0))
     # The schedule defers the DP reduction to the last microbatch and then finalises the grads.
     spec.config.no_sync_func = chunks[0].no_sync if len(chunks) == 1 else [c.no_sync for c in chunks]
-    spec.config.finalize_model_grads_func = finalize_model_grads
+    spec.config.finalize_model_grads_func = finalize
     optimizer = build_optimizer(config.optim, chunks, precision)
     # megatron scales the loss (and the MoE/MTP auxiliary losses) by the fp16 loss scale
     spec.config.grad_scale_func = optimizer.scale_loss if precision.fp16 else None
     scheduler = build_scheduler(config.optim, optimizer, config.batch.global_)
-    return Job(config=config, chunks=chunks, optimizer=optimizer, scheduler=scheduler, spec=spec)
+    job = Job(config=config, chunks=chunks, optimizer=optimizer, scheduler=scheduler, spec=spec, cp=cp)
+    return dualpipe.as_job(job) if layout.schedule == "dualpipev" else job
 
 
-def _loss_func(loss_mask: torch.Tensor, per_token: bool, output: torch.Tensor):
+def _loss_func(loss_mask: torch.Tensor, per_token: bool, cp_group, output: torch.Tensor):
     """Loss of one microbatch over its loss mask: the token mean, or with ``per_token``
     (``--calculate-per-token-loss``) the token sum and count, which megatron sums over the global
-    batch and divides by the total count (``finalize_model_grads`` scales the gradients)."""
+    batch and divides by the total count (``finalize_model_grads`` scales the gradients).
+    ``cp_group``: the sequence is split over it (see :mod:`mindspeed_train.context`)."""
+    if cp_group is not None and not per_token:
+        loss, report = context.loss(loss_mask, output, cp_group)
+        return loss, {"lm loss": report}
     mask = loss_mask.reshape(-1).float()
     total = torch.sum(output.reshape(-1).float() * mask)
     if per_token:
@@ -145,12 +169,14 @@ def _packed_inputs(batch: dict) -> tuple[dict, object]:
     return flat, params
 
 
-def _forward_step(per_token: bool, data_iterator, model):
+def _forward_step(per_token: bool, cp, data_iterator, model):
     batch, packed = next(data_iterator), None
+    if cp is not None:
+        batch = context.split_batch(batch, cp)
     if "segments" in batch:
         batch, packed = _packed_inputs(batch)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
-    return output, partial(_loss_func, batch["loss_mask"], per_token)
+    return output, partial(_loss_func, batch["loss_mask"], per_token, cp.groups.cp if cp is not None else None)
 
 
 def _reduce_loss(store: list[dict]) -> float:
@@ -161,7 +187,7 @@ def _reduce_loss(store: list[dict]) -> float:
 
     if store and store[0]["lm loss"].numel() == 2:
         pair = torch.stack([entry["lm loss"] for entry in store]).sum(dim=0).double()
-        dist.all_reduce(pair, group=ps.get_data_parallel_group())
+        dist.all_reduce(pair, group=ps.get_data_parallel_group(with_context_parallel=True))
         total = (pair[0] / pair[1].clamp(min=1)).reshape(1)
     else:
         total = torch.stack([entry["lm loss"] for entry in store]).mean() if store else torch.zeros(())
@@ -176,9 +202,13 @@ def _schedule(job: Job, data_iterator, forward_only: bool) -> list[dict]:
     travel between pipeline stages as ``[micro x S, 1, H]``."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    if job.config.parallel.schedule == "dualpipev":  # mindspeed-parallel's DualPipeV executor
+        from mindspeed_train import dualpipe
+
+        return dualpipe.schedule(job, data_iterator, forward_only)
     batch = job.config.batch
     seq, micro = (batch.seq_length * batch.micro, 1) if job.config.data.packed else (batch.seq_length, batch.micro)
-    step = partial(_forward_step, job.config.per_token_loss)
+    step = partial(_forward_step, job.config.per_token_loss, job.cp)
     return get_forward_backward_func()(
         forward_step_func=step, data_iterator=data_iterator, model=job.chunks, num_microbatches=batch.num_microbatches,
         seq_length=seq, micro_batch_size=micro, forward_only=forward_only,

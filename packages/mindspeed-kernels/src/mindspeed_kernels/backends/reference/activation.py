@@ -1,4 +1,4 @@
-"""SwiGLU / GEGLU in plain torch; backward recomputes from the saved input (no activations kept)."""
+"""SwiGLU / GEGLU in plain torch with torch's fused activation backward kernels."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ def _act(gate: torch.Tensor, kind: str) -> torch.Tensor:
     return F.silu(gate) if kind == "silu" else F.gelu(gate, approximate=kind)
 
 
-def _act_backward(grad: torch.Tensor, gate: torch.Tensor, kind: str) -> torch.Tensor:
-    """``grad * d act(gate) / d gate`` with torch's own fused backward kernels (one pass)."""
+def _act_backward(grad: torch.Tensor, gate: torch.Tensor, kind: str, out: torch.Tensor) -> None:
+    """``out = grad * d act(gate) / d gate`` with torch's own fused backward kernels (one pass),
+    written straight into ``out`` (a strided half of the input's gradient: no temporary + copy)."""
     if kind == "silu":
-        return torch.ops.aten.silu_backward(grad, gate)
-    return torch.ops.aten.gelu_backward(grad, gate, approximate=kind)
+        torch.ops.aten.silu_backward.grad_input(grad, gate, grad_input=out)
+    else:
+        torch.ops.aten.gelu_backward.grad_input(grad, gate, approximate=kind, grad_input=out)
 
 
 class _Gated(torch.autograd.Function):
@@ -30,20 +32,26 @@ class _Gated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, kind):
         gate, up = _halves(x, dim)
-        ctx.save_for_backward(x)
+        act = _act(gate, kind)
+        # Full-precision inputs also keep act(gate) (as autograd would: one [..., F] tensor) so
+        # backward skips recomputing it; half inputs keep only x and recompute it in float32.
+        keep_act = act.dtype == x.dtype
+        ctx.save_for_backward(x, act if keep_act else None)
         ctx.dim, ctx.kind = dim, kind
-        return (_act(gate, kind) * up).to(x.dtype)
+        return (act * up).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
+        x, act = ctx.saved_tensors
         gate, up = _halves(x, ctx.dim)
+        if act is None:
+            act = _act(gate, ctx.kind)
         g = grad_out.to(gate.dtype)
         grad_x = torch.empty(x.shape, dtype=gate.dtype, device=x.device)
         grad_gate, grad_up = grad_x.chunk(2, ctx.dim)
-        grad_gate.copy_(_act_backward(g * up, gate, ctx.kind))
-        torch.mul(g, _act(gate, ctx.kind), out=grad_up)
+        _act_backward(g * up, gate, ctx.kind, out=grad_gate)
+        torch.mul(g, act, out=grad_up)
         return grad_x.to(x.dtype), None, None
 
 
