@@ -2,12 +2,13 @@
 tiny qwen2 (GQA) with the losses (1e-5) and gradient norms (1e-4) of the one-process run over 4
 steps: ulysses and ring at CP=2 (ring also with a general mask kept on the CPU, the send/recv
 overlap, and per-token loss), ulysses (kv heads repeated), hybrid (2 x 2) and the double ring
-(window 2) at CP=4; and a DeepSeek-V3-style model (MLA, MoE with a shared expert, MTP) with ring
-CP=2 — the demo's architecture. Unsupported combinations stop the launch with a clear error."""
+(window 2), hybrid adaptive at CP=4, adaptive (and its options) at CP=2; and a DeepSeek-V3-style
+model (MLA, MoE with a shared expert, MTP) — the demo's architecture — with ring and ulysses (with
+the fused linear cross-entropy) at CP=2 and hybrid adaptive at CP=4. Unsupported combinations stop
+the launch with a clear error."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -38,24 +39,6 @@ CP4_RUNS = {
 }  # fmt: skip
 
 
-def write_deepseek(root: str) -> str:
-    """A tiny DeepSeek-V3-style config: MLA, 1 dense layer then MoE (4 experts top-2, sigmoid router
-    with expert bias, 1 shared expert), one MTP layer."""
-    path = os.path.join(root, "deepseek")
-    os.makedirs(path, exist_ok=True)
-    config = dict(model_type="deepseek_v3", vocab_size=th.VOCAB, hidden_size=32, intermediate_size=64,
-                  moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                  q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                  head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-                  first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
-                  scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=1,
-                  max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6, attention_dropout=0.0,
-                  attention_bias=False, tie_word_embeddings=False, eos_token_id=th.EOS)  # fmt: skip
-    with open(os.path.join(path, "config.json"), "w") as handle:
-        json.dump(config, handle)
-    return path
-
-
 def _train(root: str, name: str, extra: tuple[str, ...] = (), model: str = "model") -> None:
     import torch
 
@@ -75,18 +58,21 @@ def _cp2_world(rank: int, root: str) -> None:
     for name, extra in CP2_RUNS.items():
         _train(root, name, extra)
     _train(root, "deepseek_ring", CP2_RUNS["ring"], model="deepseek")
+    # MTP's label roll on the contiguous layout, through the fused linear cross-entropy's MTP path
+    _train(root, "deepseek_ulysses_fused", (*CP2_RUNS["ulysses"], "--cross-entropy-loss-fusion"), model="deepseek")
 
 
 def _cp4_world(rank: int, root: str) -> None:
     for name, extra in CP4_RUNS.items():
         _train(root, name, extra)
+    _train(root, "deepseek_hybrid_adaptive", CP4_RUNS["hybrid_adaptive"], model="deepseek")
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("cp"))
     th.prepare(path)
-    write_deepseek(path)
+    th.write_deepseek(path)
     run_world(_reference_world, 1, path, timeout_s=200)
     return path
 
@@ -100,6 +86,7 @@ def test_cp2_algorithms_match_one_process(root):
     deepseek = th.read(os.path.join(root, "ref_deepseek"))
     assert {"mtp_1 loss"} <= set(deepseek[0]["aux"]), deepseek[0]["aux"]
     th.assert_same_run(th.read(os.path.join(root, "deepseek_ring")), deepseek)
+    th.assert_same_run(th.read(os.path.join(root, "deepseek_ulysses_fused")), deepseek)
 
 
 def test_cp4_algorithms_match_one_process(root):
@@ -107,6 +94,7 @@ def test_cp4_algorithms_match_one_process(root):
     ref = th.read(os.path.join(root, "ref"))
     for name in CP4_RUNS:
         th.assert_same_run(th.read(os.path.join(root, name)), ref)
+    th.assert_same_run(th.read(os.path.join(root, "deepseek_hybrid_adaptive")), th.read(os.path.join(root, "ref_deepseek")))
 
 
 @pytest.mark.parametrize(
@@ -114,7 +102,6 @@ def test_cp4_algorithms_match_one_process(root):
     [
         ("model", ("--context-parallel-algo", "megatron_cp_algo", "--reset-attention-mask"),
          "packed sequences .* under context parallelism are not implemented yet"),
-        ("deepseek", ("--context-parallel-algo", "ulysses_cp_algo"), "multi-token prediction, whose label roll needs"),
     ],
 )  # fmt: skip
 def test_unsupported_cp_launches_are_clear_errors(tmp_path, monkeypatch, model, extra, message):
@@ -122,7 +109,7 @@ def test_unsupported_cp_launches_are_clear_errors(tmp_path, monkeypatch, model, 
 
     root = str(tmp_path)
     th.prepare(root)
-    write_deepseek(root)
+    th.write_deepseek(root)
     monkeypatch.setattr(launch, "_world_size", lambda: 2)  # (another test may have left a 1-rank group)
     with pytest.raises(ValueError, match=message):
         launch.build_config(th.flags(root, os.path.join(root, "x"), model=model, extra=(*CP, "2", *extra)))

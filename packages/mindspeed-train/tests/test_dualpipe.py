@@ -6,6 +6,13 @@ and evaluation, the forward-only pass), a llama with tied ones (both copies on p
 and without ``--dualpipev-dw-detach``, DP=2 x PP=2 (distributed optimizer) and TP=2 (sequence
 parallel) x PP=2 on 4 ranks. A torch_dist checkpoint written by a DualPipeV run resumes the same
 curve. The V itself: rank r holds layers r+1 and 4-r.
+
+MoE and MTP: a DeepSeek-V3-style model (MLA, dense layer 1 then MoE with a sigmoid router, expert
+bias and a shared expert, one MTP layer whose embedding copy sits in the last chunk on rank 0) with
+``--dualpipev-dw-detach`` and evaluation logs the losses, grad norms and ``mtp_1 loss`` of PP=1 and
+ends with its parameters and router expert biases (updated by megatron's finalize_model_grads); a
+qwen3_moe with the load-balancing aux loss, tied embeddings and per-token loss logs the
+``load_balancing_loss`` of PP=1 (megatron's aux-loss gradient scale).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import train_helpers as th
 
 from mindspeed_kernels.testing import run_world
 
-pytestmark = [pytest.mark.xdist_group("gloo"), pytest.mark.timeout(300), pytest.mark.slow]
+pytestmark = [pytest.mark.xdist_group("gloo"), pytest.mark.timeout(450), pytest.mark.slow]
 PP2 = ("--pipeline-model-parallel-size", "2")
 
 
@@ -30,6 +37,18 @@ def _write_llama(root: str) -> None:
     config = dict(model_type="llama", vocab_size=th.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
                   eos_token_id=th.EOS, tie_word_embeddings=True, attention_dropout=0.0)  # fmt: skip
+    with open(os.path.join(path, "config.json"), "w") as handle:
+        json.dump(config, handle)
+
+
+def _write_qwen3_moe(root: str) -> None:
+    """A 4-layer qwen3_moe (4 experts top-2, load-balancing aux loss 0.01) with tied embeddings."""
+    path = os.path.join(root, "qmoe")
+    os.makedirs(path, exist_ok=True)
+    config = dict(model_type="qwen3_moe", vocab_size=th.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                  rms_norm_eps=1e-6, eos_token_id=th.EOS, tie_word_embeddings=True, attention_dropout=0.0, num_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, router_aux_loss_coef=0.01)  # fmt: skip
     with open(os.path.join(path, "config.json"), "w") as handle:
         json.dump(config, handle)
 
@@ -53,7 +72,8 @@ def _train(argv: list[str], dw_detach: bool = False) -> None:
 
 # the untied runs also check the per-token loss and evaluation (DualPipeV's forward-only pass)
 EXTRA = {"deep": ("--calculate-per-token-loss", "--split", "80,20,0", "--eval-interval", "2", "--eval-iters", "2"),
-         "llama": ()}  # fmt: skip
+         "llama": (), "deepseek": ("--split", "80,20,0", "--eval-interval", "2", "--eval-iters", "1"),
+         "qmoe": ("--calculate-per-token-loss",)}  # fmt: skip
 
 
 def _init(root: str, model: str) -> tuple[str, ...]:
@@ -63,10 +83,11 @@ def _init(root: str, model: str) -> tuple[str, ...]:
 def _reference_world(rank: int, root: str) -> None:
     from mindspeed_train.launch import train
 
-    for model in ("deep", "llama"):
+    for model in ("deep", "llama", "qmoe", "deepseek"):
         init = os.path.join(root, f"init_{model}")
         train(th.flags(root, init, iters=1, model=model, extra=("--save", init)))
-        train(th.flags(root, os.path.join(root, f"ref_{model}"), model=model, extra=_init(root, model)))
+        save = ("--save", os.path.join(root, "ref_deepseek_ck")) if model == "deepseek" else ()
+        train(th.flags(root, os.path.join(root, f"ref_{model}"), model=model, extra=(*_init(root, model), *save)))
     train(th.flags(root, os.path.join(root, "ref_llama_gb8"), model="llama", global_batch=8, extra=_init(root, "llama")))
 
 
@@ -96,6 +117,10 @@ def _pair_world(rank: int, root: str) -> None:
     _train(th.flags(root, os.path.join(root, "v_deep"), model="deep", extra=(*PP2, *_init(root, "deep"))))
     assert ps.get_pipeline_model_parallel_world_size() == 2 and ps.get_virtual_pipeline_model_parallel_world_size() == 2
     _train(th.flags(root, os.path.join(root, "v_llama"), model="llama", extra=(*PP2, *_init(root, "llama"))))
+    _train(th.flags(root, os.path.join(root, "v_qmoe"), model="qmoe", extra=(*PP2, *_init(root, "qmoe"))))
+    save = ("--save", os.path.join(root, "v_deepseek_ck"))
+    _train(th.flags(root, os.path.join(root, "v_deepseek"), model="deepseek", extra=(*PP2, *_init(root, "deepseek"), *save)),
+           dw_detach=True)  # fmt: skip
     ck = os.path.join(root, "v_ck")
     _train(th.flags(root, os.path.join(root, "v_llama_dw"), model="llama",
                     extra=(*PP2, *_init(root, "llama"), "--save", ck, "--save-interval", "2")), dw_detach=True)  # fmt: skip
@@ -125,6 +150,8 @@ def root(tmp_path_factory) -> str:
     th.write_corpus(path)
     th.write_model(path, name="deep", layers=4)
     _write_llama(path)
+    th.write_deepseek(path, layers=4)
+    _write_qwen3_moe(path)
     run_world(_reference_world, 1, path, timeout_s=120)
     run_world(_pair_world, 2, path, timeout_s=150)
     run_world(_quad_world, 4, path, timeout_s=150)
@@ -144,6 +171,48 @@ def test_dualpipev_tied_embeddings_equal_pp1(root):
 
 def test_dw_detach_equals_pp1(root):
     th.assert_same_run(th.read(os.path.join(root, "v_llama_dw")), th.read(os.path.join(root, "ref_llama")))
+
+
+def _checkpoint_tensors(path: str) -> dict:
+    """Every tensor of a torch_dist checkpoint directory, whole (read in this one process)."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(path)
+    entries = reader.read_metadata().state_dict_metadata.items()
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries if isinstance(m, TensorStorageMetadata)}
+    load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
+def test_deepseek_mla_moe_mtp_equals_pp1(root):
+    ref = th.read(os.path.join(root, "ref_deepseek"))
+    assert set(ref[0]["aux"]) == {"mtp_1 loss"}, ref[0]["aux"]
+    assert [r["eval_loss"] is not None for r in ref] == [False, True, False, True]
+    th.assert_same_run(th.read(os.path.join(root, "v_deepseek")), ref)
+
+
+def test_deepseek_parameters_and_expert_bias_equal_pp1(root):
+    import torch
+
+    want = _checkpoint_tensors(os.path.join(root, "ref_deepseek_ck", "iter_0000004"))
+    got = _checkpoint_tensors(os.path.join(root, "v_deepseek_ck", "iter_0000004"))
+    model = sorted(k for k in want if not k.startswith("optimizer."))
+    assert model == sorted(k for k in got if not k.startswith("optimizer."))
+    assert "mtp.layers.0.eh_proj.weight" in model and "embedding.word_embeddings.weight" in model
+    biases = [k for k in model if k.endswith("router.expert_bias")]
+    assert len(biases) == 4  # MoE layers 2-4 and the MTP layer's
+    for key in biases:  # integer token counts -> the same sign-step updates, bit for bit
+        assert want[key].abs().sum() > 0 and torch.equal(got[key], want[key]), key
+    for key in model:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_moe_aux_loss_per_token_tied_equals_pp1(root):
+    ref = th.read(os.path.join(root, "ref_qmoe"))
+    assert set(ref[0]["aux"]) == {"load_balancing_loss"}, ref[0]["aux"]
+    th.assert_same_run(th.read(os.path.join(root, "v_qmoe")), ref)
 
 
 def test_dp2_x_dualpipev_pp2_equals_pp1(root):

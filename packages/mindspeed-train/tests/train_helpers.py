@@ -36,6 +36,25 @@ def write_moe_model(root: str) -> str:
     return path
 
 
+def write_deepseek(root: str, layers: int = 2) -> str:
+    """A tiny DeepSeek-V3-style config in ``root/deepseek`` (the demo's architecture): MLA, a dense
+    first layer then MoE (4 experts top-2, sigmoid router with expert bias, 1 shared expert), one
+    MTP layer; returns its directory."""
+    path = os.path.join(root, "deepseek")
+    os.makedirs(path, exist_ok=True)
+    config = dict(model_type="deepseek_v3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                  moe_intermediate_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                  q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                  head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                  first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
+                  scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=1,
+                  max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6, attention_dropout=0.0,
+                  attention_bias=False, tie_word_embeddings=False, eos_token_id=EOS)  # fmt: skip
+    with open(os.path.join(path, "config.json"), "w") as handle:
+        json.dump(config, handle)
+    return path
+
+
 def write_corpus(root: str, documents: int = 64, seed: int = 0) -> str:
     """Documents that count upwards (each next token = previous + 1, wrapping in 1..255) from a
     random start, each ended by EOS: a corpus a tiny model learns in a few steps. Returns the

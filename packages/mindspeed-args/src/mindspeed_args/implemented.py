@@ -129,6 +129,14 @@ IMPLEMENTED_BY: dict[str, frozenset[str]] = {
         # the weight-gradient pass of megatron's linear layers deferred in the cooldown.
         "schedules_method",
         "dualpipev_dw_detach",
+        # Issue #7: TP-2D (mindspeed_parallel.tp2d layers in mindspeed_models.tp2d decoder layers),
+        # with the forward/backward all-gather and reduce-scatter overlap options.
+        "tp_2d",
+        "tp_x",
+        "tp_y",
+        "enable_overlap_ag_with_matmul",
+        "enable_overlap_matmul_with_rs",
+        "enable_backward_overlap_ag_with_matmul",
     }),
 }
 

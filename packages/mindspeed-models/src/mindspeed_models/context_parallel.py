@@ -6,10 +6,9 @@ split everywhere; here the algorithm (``--context-parallel-algo``) decides the s
 :func:`enable_context_parallel`, every :class:`~mindspeed_models.attention.FlashAttention` calls
 ``mindspeed_parallel.cp.runtime.attention`` and every rotary module returns the angles of
 ``mindspeed_parallel.cp.runtime.positions`` (the data pipeline splits its batches with the same
-positions), and megatron's MTP loss is normalised by the whole sequence's token count
-(:func:`roll_with_global_count`). Not covered yet, and refused: packed (THD) sequences, attention
-dropout, sliding windows, and MTP with any split but ring's zig-zag (megatron's MTP label roll
-assumes it).
+positions), and megatron's MTP rolls follow the same positions (:func:`roll_on_layout`, which
+also makes the MTP loss the whole sequence's token mean). Not covered yet, and refused: packed
+(THD) sequences, attention dropout, sliding windows.
 """
 
 from __future__ import annotations
@@ -21,12 +20,13 @@ import torch.distributed as dist
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 from megatron.core.models.gpt import gpt_model as _gpt_model
+from megatron.core.transformer import multi_token_prediction as _mtp_module
 from megatron.core.transformer.multi_token_prediction import roll_tensor as _ROLL
 
 from mindspeed_parallel.cp import runtime
 from mindspeed_parallel.cp.config import CPConfig
 
-__all__ = ["ContextParallel", "enable_context_parallel", "roll_with_global_count"]
+__all__ = ["ContextParallel", "enable_context_parallel", "roll", "roll_on_layout"]
 
 
 class ContextParallel:
@@ -56,7 +56,11 @@ class ContextParallel:
                                  scale=scale, plan=self.plan(seq_len))  # fmt: skip
 
     def positions(self, seq_len: int, device=None) -> torch.Tensor:
-        return runtime.positions(self.config, seq_len, self.rank, device, plan=self.plan(seq_len))
+        return self.positions_of(seq_len, self.rank, device)
+
+    def positions_of(self, seq_len: int, rank: int, device=None) -> torch.Tensor:
+        """The global positions cp rank ``rank`` holds."""
+        return runtime.positions(self.config, seq_len, rank, device, plan=self.plan(seq_len))
 
     def plan(self, seq_len: int):
         """The adaptive plan of the causal mask of ``seq_len`` tokens (None for other algorithms)."""
@@ -83,11 +87,11 @@ def enable_context_parallel(model: torch.nn.Module, cp: ContextParallel) -> None
     from mindspeed_models.attention import FlashAttention
     from mindspeed_models.rope import RotaryAngles
 
-    if getattr(model.config, "mtp_num_layers", None) and cp.config.layout != "zigzag":
-        raise ValueError(f"context_parallel_algo={cp.config.algo}: multi-token prediction under context parallelism "
-                         "needs megatron_cp_algo (its label roll assumes the zig-zag split)")  # fmt: skip
+    model.context_parallel = cp  # read by roll() (fused-loss MTP)
     if getattr(model.config, "mtp_num_layers", None):
-        _gpt_model.roll_tensor = roll_with_global_count
+        # megatron's MTP rolls labels / loss mask (gpt_model) and input ids / positions
+        # (multi_token_prediction) with a module-level roll_tensor that assumes its zig-zag split.
+        _gpt_model.roll_tensor = _mtp_module.roll_tensor = functools.partial(roll_on_layout, cp)
     for module in model.modules():
         if isinstance(module, FlashAttention):
             module.context_parallel = cp
@@ -95,21 +99,37 @@ def enable_context_parallel(model: torch.nn.Module, cp: ContextParallel) -> None
             _slice_rotary(module, cp)
 
 
-def roll_with_global_count(tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
-    """megatron's MTP ``roll_tensor`` whose token count (its second output) is the whole sequence's
-    count / cp size rather than this rank's count.
+def roll_on_layout(cp: ContextParallel | None, tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
+    """megatron's MTP ``roll_tensor`` (``tensor`` [..., S/cp] shifted one position left along the
+    sequence, the last global position zeroed; returns it with its sum) for any CP layout.
 
-    megatron divides each rank's MTP loss sum by that count and averages the gradients over the
-    cp ranks (its MTP loss scale, unlike the main loss's, has no cp factor): with the local count
-    the MTP loss becomes a mean of per-rank means, off whenever the ranks' counts differ (the rank
-    holding the sequence end loses its rolled-in token); with this one it is the sequence's token
-    mean, in the gradient and in the logged value. Unchanged without CP."""
-    rolled, count = _ROLL(tensor, shifts=shifts, dims=dims, cp_group=cp_group, packed_seq_params=packed_seq_params)
-    if cp_group is not None and cp_group.size() > 1:
-        count = count.detach().clone()
-        dist.all_reduce(count, group=cp_group)
-        count = count / cp_group.size()
-    return rolled, count
+    The local parts are all-gathered into the global sequence (labels, masks and ids: a few
+    integers per token), rolled, and this rank's positions taken back. The sum (megatron's token
+    count for the MTP loss) is the whole sequence's / cp size: megatron divides each rank's MTP
+    loss sum by it and averages the gradients over the cp ranks (its MTP loss scale has no cp
+    factor), so the MTP loss is the sequence's token mean in the gradient and in the log, where
+    a per-rank count would give a mean of per-rank means. Without CP (or for packed sequences,
+    refused under CP) this is megatron's roll."""
+    if cp is None or cp_group is None or cp_group.size() == 1 or packed_seq_params is not None:
+        return _ROLL(tensor, shifts=shifts, dims=dims, cp_group=cp_group, packed_seq_params=packed_seq_params)
+    if shifts != -1 or dims not in (-1, tensor.dim() - 1):
+        raise ValueError(f"roll_on_layout: only megatron MTP's roll (shifts=-1, dims=-1), got shifts={shifts}, dims={dims}")
+    size, local = cp_group.size(), tensor.contiguous()
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local, group=cp_group)
+    seq = local.shape[-1] * size
+    full = local.new_zeros(*local.shape[:-1], seq)
+    for rank, part in enumerate(parts):
+        full[..., cp.positions_of(seq, rank, local.device)] = part
+    rolled = torch.roll(full, shifts=-1, dims=-1)
+    rolled[..., -1] = 0
+    return rolled[..., cp.positions(seq, local.device)], rolled.sum() / size
+
+
+def roll(model, tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
+    """:func:`roll_on_layout` with ``model``'s context parallelism (megatron's roll without it)."""
+    cp = getattr(model, "context_parallel", None)
+    return roll_on_layout(cp, tensor, shifts=shifts, dims=dims, cp_group=cp_group, packed_seq_params=packed_seq_params)
 
 
 def _slice_rotary(module: torch.nn.Module, cp: ContextParallel) -> None:

@@ -30,7 +30,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, MTPLossLoggingHelper
 
 from mindspeed_kernels.ops import fused_linear_cross_entropy
-from mindspeed_models.context_parallel import roll_with_global_count
+from mindspeed_models.context_parallel import roll
 
 __all__ = [
     "IGNORE_INDEX",
@@ -125,12 +125,8 @@ def _attach_mtp_losses(model, parts, labels, loss_mask, packed_seq_params) -> to
     mask = torch.ones_like(labels) if loss_mask is None else loss_mask
     scale = config.mtp_loss_scaling_factor / depths
     for depth in range(depths):
-        mtp_labels, _ = roll_with_global_count(
-            mtp_labels, shifts=-1, dims=-1, cp_group=model.cp_group, packed_seq_params=packed_seq_params
-        )
-        mask, num_tokens = roll_with_global_count(
-            mask, shifts=-1, dims=-1, cp_group=model.cp_group, packed_seq_params=packed_seq_params
-        )
+        mtp_labels, _ = roll(model, mtp_labels, shifts=-1, dims=-1, cp_group=model.cp_group, packed_seq_params=packed_seq_params)
+        mask, num_tokens = roll(model, mask, shifts=-1, dims=-1, cp_group=model.cp_group, packed_seq_params=packed_seq_params)
         loss = mask * _per_token_loss(model, parts[depth + 1], mtp_labels)
         if model.training:
             MTPLossLoggingHelper.save_loss_to_tracker(

@@ -8,7 +8,7 @@ reference no worse than 2x that of single-process bf16 flash_attention on the fu
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pytest
 import torch
@@ -192,12 +192,12 @@ def _errors(rank: int, group) -> None:
         ring_attention(q[:, 0], q[:, 0], q[:, 0], group, cu_seqlens=[3, 6])
 
 
-def world_cases(rank: int, cp: int, cases: list[Case]) -> None:
+def world_cases(rank: int, cp: int, cases: list[dict]) -> None:
     torch.set_num_threads(1)  # tiny tensors: intra-op threads only oversubscribe the cores
     group = dist.group.WORLD
     groups = make_double_ring_groups(list(range(cp)), 2) if cp >= 4 else (None, None)
     for index, case in enumerate(cases):
-        _check_case(rank, cp, group, case, index, groups)
+        _check_case(rank, cp, group, Case(**case), index, groups)
     if cp == 2:
         _errors(rank, group)
     else:
@@ -212,12 +212,14 @@ def world_cases(rank: int, cp: int, cases: list[Case]) -> None:
 
 @pytest.mark.slow
 def test_ring_attention_world2():
-    run_world(world_cases, 2, 2, _world2_cases(), timeout_s=120)
+    # plain dicts: a Case would be pickled under pytest's name for this module, which the
+    # spawned children (they load the file under another name) cannot import
+    run_world(world_cases, 2, 2, [asdict(c) for c in _world2_cases()], timeout_s=120)
 
 
 @pytest.mark.slow
 def test_ring_attention_world4():
-    run_world(world_cases, 4, 4, WORLD4_CASES, timeout_s=120)
+    run_world(world_cases, 4, 4, [asdict(c) for c in WORLD4_CASES], timeout_s=120)
 
 
 # ----------------------------------------------------------------------------- single process

@@ -55,6 +55,17 @@ def _moe_layers(config) -> int:
     return count + (config.mtp_num_layers or 0)
 
 
+def reset() -> None:
+    """Empty megatron's process-wide MoE and MTP trackers, names included (megatron's own clearing
+    only zeroes the values): a job built after another in the same process must not log the
+    earlier model's entries."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    get_moe_layer_wise_logging_tracker().clear()
+    MTPLossLoggingHelper.tracker.clear()
+
+
 def collect(config, num_microbatches: int) -> dict[str, float]:
     """The step's auxiliary losses (name -> value; empty for dense models without MTP), read from
     megatron's trackers and cleared there. Collective: every rank must call it after each step

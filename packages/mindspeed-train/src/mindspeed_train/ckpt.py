@@ -124,8 +124,15 @@ def _model_keys(chunks: list) -> list[str]:
 
 
 def _sharded_state(chunks: list, optimizer, *, with_optim: bool, with_rng: bool, is_loading: bool) -> dict[str, Any]:
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
     keys = _model_keys(chunks)
-    state: dict[str, Any] = {key: chunk.module.sharded_state_dict() for key, chunk in zip(keys, chunks, strict=True)}
+    # megatron 0.16's GPTModel subscripts ``metadata`` (None by default) on a pipeline stage that
+    # holds MTP but not the embedding: pass megatron's default (the DP x CP group) explicitly.
+    state: dict[str, Any] = {
+        key: chunk.module.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
+        for key, chunk in zip(keys, chunks, strict=True)
+    }
     if with_optim and is_loading:
         _init_adam_state(optimizer)
     if with_optim:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mindspeed_parallel.cp.config import CPConfig
+from mindspeed_parallel.tp2d import TP2DOverlap
 
 LR_STYLES = ("cosine", "linear", "constant")
 
@@ -37,6 +38,8 @@ TRAIN_PARAMETERS = frozenset({
     "cp_window_size", "use_cp_send_recv_overlap", "kv_head_repeat_before_uly_alltoall", "attention_mask_on_cpu",
     "adaptive_cp_without_coarse", "adaptive_cp_dynamic_attn_mask", "adaptive_cp_only_reschedule",
     "adaptive_cp_manually_set_mask_list", "schedules_method", "dualpipev_dw_detach",
+    "tp_2d", "tp_x", "tp_y", "enable_overlap_ag_with_matmul", "enable_overlap_matmul_with_rs",
+    "enable_backward_overlap_ag_with_matmul",
 })  # fmt: skip
 
 
@@ -57,6 +60,10 @@ class ParallelSettings:
     cp: CPConfig | None = None  # the CP algorithm and its options when context > 1
     schedule: str | None = None  # --schedules-method: None (megatron's 1F1B / interleaved) or "dualpipev"
     dw_detach: bool = False  # --dualpipev-dw-detach: DualPipeV defers weight gradients in its cooldown
+    tp_2d: bool = False  # --tp-2d: decoder layers split over a tp_x x tp_y grid of the TP group (mindspeed_models.tp2d)
+    tp_x: int = 1
+    tp_y: int = 1
+    tp2d_overlap: TP2DOverlap | None = None  # the --enable-*overlap* options of the 2-D linear layers (with tp_2d)
 
 
 @dataclass(frozen=True)
@@ -249,7 +256,7 @@ class TrainConfig:
             parallel=ParallelSettings(tensor=tp, pipeline=pp, expert=ep, data=dp, world=world_size,
                                       sequence_parallel=bool(get("sequence_parallel")), virtual=_virtual(get),
                                       context=cp, cp=_cp(get, cp), schedule=get("schedules_method"),
-                                      dw_detach=bool(get("dualpipev_dw_detach"))),
+                                      dw_detach=bool(get("dualpipev_dw_detach")), **_tp2d(get)),
             batch=BatchSettings(micro=micro, global_=global_, seq_length=_seq_length(get),
                                 num_microbatches=global_ // (micro * dp)),
             optim=_optim(get),
@@ -298,6 +305,33 @@ def _cp(get, size: int) -> CPConfig | None:
         adaptive_only_reschedule=bool(get("adaptive_cp_only_reschedule")),
         adaptive_manually_set_mask_list=bool(get("adaptive_cp_manually_set_mask_list")),
     )  # fmt: skip
+
+
+# What the TP-2D decoder layers do not cover yet (mindspeed_models.tp2d refuses model features itself).
+_TP2D_REFUSED = (
+    ("--ckpt-format torch", lambda get: get("ckpt_format") == "torch"),
+    ("--schedules-method dualpipev", lambda get: get("schedules_method") == "dualpipev"),
+    ("packed sequences (--reset-attention-mask / --neat-pack)",
+     lambda get: get("reset_attention_mask") or (get("is_instruction_dataset") and get("neat_pack"))),
+    ("recomputation (--recompute-*)", lambda get: get("recompute_granularity") or get("recompute_norm")
+     or get("recompute_activation_function")),
+)  # fmt: skip
+
+
+def _tp2d(get) -> dict:
+    """ParallelSettings' TP-2D fields (mindspeed-args has checked tp_x * tp_y = TP and no SP)."""
+    if not get("tp_2d"):
+        return {}
+    for what, present in _TP2D_REFUSED:
+        if present(get):
+            raise ValueError(f"--tp-2d with {what} is not implemented yet; drop one of them")
+    ag, rs = bool(get("enable_overlap_ag_with_matmul")), bool(get("enable_overlap_matmul_with_rs"))
+    if ag and rs:
+        raise ValueError("--enable-overlap-ag-with-matmul and --enable-overlap-matmul-with-rs are alternatives "
+                         "(one forward overlap at a time); pass one of them")  # fmt: skip
+    overlap = TP2DOverlap(ag_with_matmul=ag, matmul_with_rs=rs,
+                          backward_ag_with_matmul=bool(get("enable_backward_overlap_ag_with_matmul")))  # fmt: skip
+    return {"tp_2d": True, "tp_x": get("tp_x"), "tp_y": get("tp_y"), "tp2d_overlap": overlap}
 
 
 def _virtual(get) -> int | None:

@@ -28,9 +28,6 @@ def check(config: TrainConfig, hf: dict) -> None:
     if config.data.packed:
         raise ValueError("packed sequences (--reset-attention-mask, --neat-pack) under context parallelism are not "
                          "implemented yet; drop them or use --context-parallel-size 1")  # fmt: skip
-    if hf.get("num_nextn_predict_layers") and cp.layout != "zigzag":
-        raise ValueError(f"--context-parallel-algo {cp.algo}: this model has multi-token prediction, whose label roll "
-                         "needs the zig-zag split of megatron_cp_algo; use that algorithm")  # fmt: skip
 
 
 def build(config: TrainConfig):

@@ -12,13 +12,17 @@ keys and its first/last-stage checks follow (a torch_dist checkpoint of any othe
 Boundaries carry one tensor: chunk 0 takes ``stack([tokens, position_ids])`` ``[2, micro, S]`` (int64);
 every chunk hands ``[S, micro, H]`` hidden states on. The last chunk's per-token loss needs the labels,
 which DualPipeV gives only to its ``loss_fn``; so the executor sees that chunk as the identity and
-``loss_fn`` runs it (set_input_tensor + forward with labels) — the same autograd graph, on rank 0.
+``loss_fn`` runs it (set_input_tensor + forward with labels, tokens and positions) — the same autograd
+graph, on rank 0. Multi-token prediction lives in that chunk (megatron puts MTP on the last stage):
+its layers embed the shifted tokens, which rank 0 has, with the chunk's own copy of the embedding.
 
-Gradients: the executor scales each micro-batch loss by ``1/N`` (megatron's mean over micro-batches);
-tied embeddings keep two copies on rank 0 (chunk 0's embedding, the last chunk's output layer, as
-megatron does for first/last stages) whose gradients are summed before megatron's
-``finalize_model_grads`` reduces over DP; megatron's embedding group holds only pipeline rank 0, so
-it adds nothing. Weight-gradient deferral (DualPipeV's W slots, and with ``--dualpipev-dw-detach`` the
+Gradients: the executor scales each micro-batch loss by ``1/N`` (megatron's mean over micro-batches),
+and the MoE auxiliary and MTP losses get the same ``1/N`` through megatron's autoscalers. Tied
+embeddings or MTP keep two copies of the word embedding on rank 0 (chunk 0's embedding; the last
+chunk's output layer or MTP embedding, as megatron does for first/last stages): the copy starts equal
+and the gradients are summed before megatron's ``finalize_model_grads`` reduces over DP and updates
+the routers' expert biases; megatron's embedding group holds only pipeline rank 0, so it adds nothing.
+Weight-gradient deferral (DualPipeV's W slots, and with ``--dualpipev-dw-detach`` the
 cooldown's too) applies to megatron's Column/RowParallelLinear layers whose backward needs no
 tensor-parallel communication; the others compute dW during B, which is still exact.
 """
@@ -124,8 +128,6 @@ def v_spec(spec):
     if num_layers % (2 * pp):
         raise ValueError(f"--schedules-method dualpipev splits {num_layers} layers into 2 x PP = {2 * pp} chunks; "
                          f"use a multiple of {2 * pp} layers")  # fmt: skip
-    if getattr(spec.config, "mtp_num_layers", None):
-        raise ValueError("--schedules-method dualpipev with multi-token prediction (MTP) is not implemented")
     return dataclasses.replace(spec, config=dataclasses.replace(spec.config, virtual_pipeline_model_parallel_size=2))
 
 
@@ -142,12 +144,30 @@ def build_models(config: TrainConfig, spec) -> tuple[object, list]:
     first = mm.build_model(spec, pre_process=rank == 0, post_process=False, vp_stage=0)
     with _pipeline_rank_view(pp - 1 - rank):
         second = mm.build_model(spec, pre_process=False, post_process=rank == 0, vp_stage=1)
-    if rank == 0 and spec.tie_word_embeddings:
-        # megatron zeroes the output copy and all-reduces it with the embedding over the embedding
-        # group; here both copies are on this rank: start the output layer from the embedding.
+    if getattr(second, "mtp_process", False) and not second.pre_process:
+        if second.share_embeddings_and_output_weights:
+            # tied + MTP: the output layer uses MTP's embedding copy; megatron allocates an unused
+            # output weight off the first stage, then its sharded_state_dict asserts there is none
+            second.output_layer.weight = None
+    copies = _embedding_copies(first, second)
+    if copies:
+        # megatron zeroes the last stage's copy (tied output layer, or MTP's embedding) and all-reduces
+        # it with the embedding over the embedding group; here both are on this rank: copy it over.
         with torch.no_grad():
-            second.output_layer.weight.copy_(first.embedding.word_embeddings.weight)
+            copies[1].copy_(copies[0])
     return spec, [first, second]
+
+
+def _embedding_copies(first, last) -> list:
+    """The word-embedding weight's two copies on pipeline rank 0 (``[chunk 0's embedding, the last
+    chunk's copy]``) when the last chunk needs one, else ``[]``: megatron's
+    ``shared_embedding_or_output_weight`` of the last chunk, i.e. MTP's own embedding (which the
+    tied output layer then also uses) or the tied output layer's weight."""
+    if not (first.pre_process and last.post_process):
+        return []
+    if not (last.share_embeddings_and_output_weights or getattr(last, "mtp_process", False)):
+        return []
+    return [first.embedding.word_embeddings.weight, last.shared_embedding_or_output_weight()]
 
 
 def as_job(job: Job) -> DualPipeVJob:
@@ -286,7 +306,7 @@ class _Losses:
     def __call__(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
         model = _gpt(self.chunk)
         model.set_input_tensor(hidden)
-        per_token = model(None, None, None, labels=batch["labels"]).float()
+        per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float()
         out = _loss_func(batch["loss_mask"], self.per_token, None, per_token)
         if self.per_token:
             loss, count, record = out
@@ -308,7 +328,9 @@ def _microbatches(data_iterator, count: int, rank: int) -> tuple[list, list]:
                              "drop --reset-attention-mask / --neat-pack")  # fmt: skip
         if rank == 0:
             inputs.append(torch.stack([batch["tokens"], batch["position_ids"]]))
-            labels.append({"labels": batch["labels"], "loss_mask": batch["loss_mask"], "index": index})
+            # (tokens and positions: the last chunk's MTP layers embed the shifted tokens)
+            labels.append({"labels": batch["labels"], "loss_mask": batch["loss_mask"], "index": index,
+                           "tokens": batch["tokens"], "position_ids": batch["position_ids"]})  # fmt: skip
     return inputs, labels
 
 
@@ -343,14 +365,19 @@ def schedule(job: DualPipeVJob, data_iterator, forward_only: bool) -> list[dict]
 
 
 def _set_aux_loss_scales(config, count: int) -> None:
-    """MoE auxiliary losses add their gradient through megatron's autoscaler, whose scale the
-    megatron schedules set per step: 1/N of the main loss scale (1 with per-token loss)."""
-    if getattr(config, "num_moe_experts", None) is None:
-        return
+    """MoE auxiliary losses and the MTP loss add their gradients through megatron's autoscalers,
+    whose scales megatron's ``forward_step`` sets: the main loss scale / N (N = micro-batches), or
+    with per-token loss the loss scale itself, finalize_model_grads later dividing every gradient
+    by the step's token count. Here the per-token path rescales all gradients by N / tokens
+    (``_finalize_grads``), so 1/N is right for both."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
     scale = config.grad_scale_func(torch.ones(1)) if config.grad_scale_func is not None else torch.ones(1)
-    MoEAuxLossAutoScaler.set_loss_scale(scale if config.calculate_per_token_loss else scale / count)
+    if getattr(config, "num_moe_experts", None) is not None:
+        MoEAuxLossAutoScaler.set_loss_scale(scale / count)
+    if getattr(config, "mtp_num_layers", None) is not None:
+        MTPLossAutoScaler.set_loss_scale(scale / count)
 
 
 def _finalize_grads(job: DualPipeVJob, tokens: torch.Tensor | None, count: int) -> None:
@@ -373,13 +400,14 @@ def _finalize_grads(job: DualPipeVJob, tokens: torch.Tensor | None, count: int) 
 
 
 def _sum_tied_grads(job: DualPipeVJob) -> None:
-    """Tied embeddings: the embedding (chunk 0) and output-layer (last chunk) copies on pipeline
-    rank 0 both get the sum of their gradients, as the one shared weight of PP=1 would (done on
-    the local gradients, before the DP reduction, so a distributed optimizer's shards agree)."""
-    first, last = _gpt(job.chunks[0]), _gpt(job.chunks[1])
-    if not (job.spec.tie_word_embeddings and first.pre_process and last.post_process):
+    """The word embedding's two copies on pipeline rank 0 (chunk 0's embedding; the last chunk's
+    tied output layer or MTP embedding, see ``_embedding_copies``) both get the sum of their
+    gradients, as the one shared weight of PP=1 would (done on the local gradients, before the DP
+    reduction, so a distributed optimizer's shards agree)."""
+    copies = _embedding_copies(_gpt(job.chunks[0]), _gpt(job.chunks[1]))
+    if not copies:
         return
-    embedding, output = first.embedding.word_embeddings.weight, last.output_layer.weight
+    embedding, output = copies
     if embedding.requires_grad:
         total = embedding.main_grad + output.main_grad
         embedding.main_grad.copy_(total)

@@ -102,9 +102,15 @@ def build_job(config: TrainConfig) -> Job:
         variable_seq_lengths=config.data.variable and layout.pipeline > 1,
         **config.recompute.megatron_kwargs(),
     )  # fmt: skip
+    if layout.tp_2d:  # decoder layers over a tp_x x tp_y grid of megatron's TP group (mindspeed_models.tp2d)
+        from mindspeed_models.tp2d import enable_tp2d, make_settings
+
+        grid = make_settings(ps.get_tensor_model_parallel_group(), layout.tp_x, layout.tp_y, layout.tp2d_overlap)
+        spec = enable_tp2d(spec, grid)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=config.optim.distributed_optimizer
     )
+    aux_losses.reset()
     cp = context.build(config)
     if layout.schedule == "dualpipev":  # the V layout's two chunks per rank: mindspeed_train.dualpipe
         from mindspeed_train import dualpipe

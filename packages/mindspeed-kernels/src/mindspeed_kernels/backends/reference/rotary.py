@@ -19,23 +19,42 @@ def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     return x * cos + _rotate(x, interleaved) * sin
 
 
+def _half_rotate(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """``[a1 c1 - sign b2 s1 | a2 c2 + sign b1 s2]`` over the two halves of the last dim, written
+    half by half into one new tensor (no negated copy and no cat)."""
+    half = cos.shape[-1] // 2
+    a1, a2, b1, b2 = a[..., :half], a[..., half:], b[..., :half], b[..., half:]
+    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    out = torch.empty(torch.broadcast_shapes(a.shape, cos.shape), dtype=a.dtype, device=a.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(a1, c1, out=o1).addcmul_(b2, s1, value=-sign)
+    torch.mul(a2, c2, out=o2).addcmul_(b1, s2, value=sign)
+    return out
+
+
 class _Rotary(torch.autograd.Function):
     """``x * cos + rotate(x) * sin`` for constant ``cos``/``sin`` with a two-op backward:
     ``rotate`` is orthogonal with ``rotate^T = -rotate``, so ``dx = g * cos - rotate(g * sin)``
-    (autograd would replay the chunk/neg/cat graph instead)."""
+    (autograd would replay the chunk/neg/cat graph instead). Rotate-half computes both directions
+    half by half: ``out = [x1 c1 - x2 s1 | x2 c2 + x1 s2]``, ``dx = [g1 c1 + g2 s2 | g2 c2 - g1 s1]``
+    (any tables, not only ``cat(freqs, freqs)``)."""
 
     @staticmethod
     def forward(ctx, x, cos, sin, interleaved):
         ctx.save_for_backward(cos, sin)
         ctx.interleaved = interleaved
-        return _apply(x, cos, sin, interleaved)
+        if interleaved:
+            return _apply(x, cos, sin, interleaved)
+        return _half_rotate(x, x, cos, sin, sign=1.0)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         cos, sin = ctx.saved_tensors
-        grad_x = grad_out * cos - _rotate(grad_out * sin, ctx.interleaved)
-        return grad_x, None, None, None
+        if ctx.interleaved:
+            return grad_out * cos - _rotate(grad_out * sin, True), None, None, None
+        # dx1 = g1 c1 + g2 s2 and dx2 = g2 c2 - g1 s1: the forward's pattern with sin's halves swapped
+        return _half_rotate(grad_out, grad_out, cos, sin.roll(sin.shape[-1] // 2, -1), sign=-1.0), None, None, None
 
 
 def rotary_pos_emb(x, cos, sin, interleaved=False):
