@@ -77,6 +77,25 @@ def test_main_exits_2_with_a_one_line_reason(root, capsys):
     assert len(err) == 1 and err[0].startswith("mindspeed train: --model is required")
 
 
+def test_nproc_validates_for_its_world_before_starting_torchrun(root, capsys, monkeypatch):
+    from mindspeed_train import launch
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(launch, "_reexec_torchrun", lambda *a: pytest.fail("torchrun must not start on bad input"))
+    # CP 2 fits the 2 processes --nproc asks for, but not a 30-token sequence split 2 x 2 ways
+    bad = ["--nproc", "2", *th.flags(root, root, extra=("--use-mcore-models", "--context-parallel-size", "2",
+                                                       "--context-parallel-algo", "megatron_cp_algo"))]  # fmt: skip
+    bad[bad.index("--seq-length") + 1] = "30"
+    assert launch.main(bad) == 2
+    err = capsys.readouterr().err
+    assert "seq_length must be a multiple of 2 x context_parallel_size = 4" in err and "Traceback" not in err
+    started = []
+    monkeypatch.setattr(launch, "_reexec_torchrun", lambda nproc, argv: started.append(nproc))
+    monkeypatch.setattr(launch, "train", lambda argv: [])  # (what the re-executed children would run)
+    bad[bad.index("--seq-length") + 1] = "32"
+    assert launch.main(bad) == 0 and started == [2]
+
+
 def _callers_group(rank: int, root: str) -> None:
     import torch.distributed as dist
 

@@ -210,6 +210,19 @@ def train(argv: Sequence[str]) -> list:
     return loop.run(job, train_data, log, valid_iterator=valid_data, eval_iters=eval_iters)
 
 
+def _validate_for_world(argv: Sequence[str], world_size: int) -> None:
+    """``build_config(argv)`` as a rank of a ``world_size``-process job would run it."""
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(world_size)
+    try:
+        build_config(argv)
+    finally:
+        if saved is None:
+            os.environ.pop("WORLD_SIZE")
+        else:
+            os.environ["WORLD_SIZE"] = saved
+
+
 def _reexec_torchrun(nproc: int, argv: Sequence[str]) -> None:
     rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")]
     rest = [a for a in rest if not a.startswith("--nproc=")]
@@ -237,6 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ours.nproc is not None and "LOCAL_RANK" not in os.environ:
         if ours.nproc < 1:
             print("mindspeed train: --nproc must be >= 1", file=sys.stderr)
+            return 2
+        try:  # validate here, once, with the world the children will have: bad input never reaches torchrun
+            _validate_for_world(argv, ours.nproc)
+        except ValueError as error:
+            print(f"mindspeed train: {error}", file=sys.stderr)
             return 2
         _reexec_torchrun(ours.nproc, argv)
     rank = int(os.environ.get("RANK", "0"))
