@@ -81,6 +81,7 @@ def test_nproc_validates_for_its_world_before_starting_torchrun(root, capsys, mo
     from mindspeed_train import launch
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(launch, "_world_size", lambda: 1)  # this process's own world (or a leftover group) is not N's
     monkeypatch.setattr(launch, "_reexec_torchrun", lambda *a: pytest.fail("torchrun must not start on bad input"))
     # CP 2 fits the 2 processes --nproc asks for, but not a 30-token sequence split 2 x 2 ways
     bad = ["--nproc", "2", *th.flags(root, root, extra=("--use-mcore-models", "--context-parallel-size", "2",

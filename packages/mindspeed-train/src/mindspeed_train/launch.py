@@ -143,24 +143,26 @@ def _values(params: dict[str, Any]) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in params.items())
 
 
-def build_config(argv: Sequence[str]) -> TrainConfig:
+def build_config(argv: Sequence[str], world_size: int | None = None) -> TrainConfig:
     """Validate ``argv`` (megatron dialect) and build the run's TrainConfig. Raises ValueError with
-    every violation when the launch is not valid."""
+    every violation when the launch is not valid. ``world_size``: the job's process count
+    (default: this process group's, else ``WORLD_SIZE``)."""
     from mindspeed_args import validate
     from mindspeed_args.errors import UsageError
 
+    world_size = _world_size() if world_size is None else world_size
     ours, rest = split_argv(argv)
     model = _model_path(ours, rest)
     hf = read_hf_config(model)
     try:
-        report = validate(_with_model_flags(rest, hf), dialect="megatron", config=ours.config, world_size=_world_size())
+        report = validate(_with_model_flags(rest, hf), dialect="megatron", config=ours.config, world_size=world_size)
     except UsageError as error:  # unknown flag, a flag set twice, an unreadable --config
         raise ValueError(str(error)) from None
     if not report.ok:
         lines = [f"{_values(bad.params)}: {bad.constraint} ({bad.fix})" for bad in report.violations]
         raise ValueError("invalid launch:\n  " + "\n  ".join(lines))
     _check_model_flags(report.config, hf, model)
-    config = TrainConfig.from_args(report.config, model=model, output_dir=ours.output_dir, world_size=_world_size(),
+    config = TrainConfig.from_args(report.config, model=model, output_dir=ours.output_dir, world_size=world_size,
                                    save_total_limit=_save_total_limit(ours.save_total_limit))  # fmt: skip
     context.check(config, hf)
     return config
@@ -210,19 +212,6 @@ def train(argv: Sequence[str]) -> list:
     return loop.run(job, train_data, log, valid_iterator=valid_data, eval_iters=eval_iters)
 
 
-def _validate_for_world(argv: Sequence[str], world_size: int) -> None:
-    """``build_config(argv)`` as a rank of a ``world_size``-process job would run it."""
-    saved = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(world_size)
-    try:
-        build_config(argv)
-    finally:
-        if saved is None:
-            os.environ.pop("WORLD_SIZE")
-        else:
-            os.environ["WORLD_SIZE"] = saved
-
-
 def _reexec_torchrun(nproc: int, argv: Sequence[str]) -> None:
     rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")]
     rest = [a for a in rest if not a.startswith("--nproc=")]
@@ -252,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("mindspeed train: --nproc must be >= 1", file=sys.stderr)
             return 2
         try:  # validate here, once, with the world the children will have: bad input never reaches torchrun
-            _validate_for_world(argv, ours.nproc)
+            build_config(argv, world_size=ours.nproc)
         except ValueError as error:
             print(f"mindspeed train: {error}", file=sys.stderr)
             return 2
