@@ -10,6 +10,8 @@ from this tree, all paths in one pip call, so pip never takes a same-named packa
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,6 +29,9 @@ TEST_TOOLS = ("pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3")
 # What the tests compare against that no package depends on (Hugging Face's RoPE tables, logits).
 TEST_REFERENCES = ("transformers",)
 PACKAGES = sorted(load_packages())
+# CI sets this: each isolated venv (~1 GB with torch) is deleted once its tests pass, so the
+# eight of them never sit on the disk together.
+PRUNE_VENVS = os.environ.get("MINDSPEED_PRUNE_VENVS") == "1"
 
 
 def _pip(session: nox.Session, *args: str) -> None:
@@ -49,6 +54,8 @@ def isolated(session: nox.Session, package: str) -> None:
     _pip(session, *TEST_TOOLS, *(str(ROOT / "packages" / d) for d in closure))
     session.run("python", str(ROOT / "tools" / "check_install.py"), *closure)
     session.run("pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "packages" / package / "tests"))
+    if PRUNE_VENVS:
+        shutil.rmtree(session.virtualenv.location, ignore_errors=True)
 
 
 @nox.session(python=PYTHON)
