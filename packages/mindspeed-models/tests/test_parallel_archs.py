@@ -21,7 +21,8 @@ deepseek_v2 uses softmax group-limited greedy routing. Runs through the CPU adap
 
 from __future__ import annotations
 
-import models_mcore_helpers as helpers  # noqa: E402  (tests/conftest.py puts it on sys.path)
+import grid_model_checks as checks  # noqa: E402  (tests/conftest.py puts it on sys.path)
+import models_mcore_helpers as helpers  # noqa: E402
 import pytest
 import torch
 import torch.distributed as dist
@@ -54,7 +55,7 @@ CONFIGS = {
 """Tiny HF config.json contents per model_type (on top of SIZES)."""
 
 SEQ, MICROBATCHES, MICRO_BATCH_SIZE = 32, 4, 4
-# 4 x 32 tokens: with these weights (_randomize seed 7) every routed expert of every MoE config gets
+# 4 x 32 tokens: with these weights (grid_model_checks.randomize seed 7) every routed expert of every MoE config gets
 # tokens, so no reference gradient is zero (fewer tokens left some expert idle: nothing compared).
 
 
@@ -93,22 +94,6 @@ def _build(hf_config: dict, *, tp: int = 1, ep: int = 1, etp: int | None = None,
         overrides["expert_tensor_parallel_size"] = etp
     spec = mm.from_hf_config(hf_config, **overrides)
     return mm.build_model(spec, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
-
-
-def _randomize(model, seed: int = 7) -> dict[str, torch.Tensor]:
-    """Random weights in a full (unparallelised) model; returns them, with the router expert biases (buffers)."""
-    gen = torch.Generator().manual_seed(seed)
-    full = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + 0.2 * noise if p.dim() == 1 and "norm" in name else (0.1 if p.dim() == 1 else 0.08) * noise)
-            full[name] = p.detach().clone()
-        for name, buf in model.named_buffers():
-            if name.endswith("expert_bias"):  # DeepSeek's selection-only bias: big enough to change choices
-                buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
-                full[name] = buf.detach().clone()
-    return full
 
 
 def _load(model, full: dict[str, torch.Tensor]) -> None:
@@ -166,7 +151,7 @@ def _check_against_reference(model_type: str, tokens: torch.Tensor, *variants: d
     hf_config = _hf_config(model_type)
     # Each model runs right after it is built: megatron's collectives read the global parallel state.
     reference = _build(hf_config)
-    full = _randomize(reference)
+    full = checks.randomize(reference)
     ref_logits, ref_loss, ref_grads = _step(reference, tokens, full)
     for variant in variants:
         what = f"{model_type} {variant}"
@@ -223,7 +208,7 @@ def _pp_check(model_type: str, micro: list[dict[str, torch.Tensor]]) -> None:
 
     hf_config = _hf_config(model_type)
     reference = _build(hf_config)
-    full = _randomize(reference)
+    full = checks.randomize(reference)
     ref_losses = helpers.run_schedule([reference], micro)
     ref_grads = {name: p.grad.clone() for name, p in reference.named_parameters()}
 

@@ -18,62 +18,35 @@ import train_helpers as th
 from mindspeed_kernels.testing import run_world
 
 pytestmark = [pytest.mark.xdist_group("gloo"), pytest.mark.timeout(600), pytest.mark.slow]
-VOCAB = ("--make-vocab-size-divisible-by", "64")
 
 
 def _grid(x: int, y: int) -> tuple[str, ...]:
     return ("--tp-2d", "--tp-x", str(x), "--tp-y", str(y), "--tensor-model-parallel-size", str(x * y))
 
 
-def _init(root: str) -> tuple[str, ...]:
-    return ("--load", os.path.join(root, "init"), "--finetune")
-
-
-def _train(root: str, name: str, extra: tuple[str, ...] = (), iters: int = 4) -> None:
-    import torch
-
-    from mindspeed_train.launch import train
-
-    torch.set_num_threads(1)  # 2-4 ranks share 2 cores
-    train(th.flags(root, os.path.join(root, name), iters=iters, extra=(*VOCAB, *extra)))
-
-
-def _reference_world(rank: int, root: str) -> None:
-    _train(root, "ref")
-    _train(root, "init", ("--save", os.path.join(root, "init")), iters=1)
-    _train(root, "ref_init", _init(root))
-
-
 def _world4(rank: int, root: str) -> None:
     from megatron.core import parallel_state as ps
 
-    _train(root, "2x2", _grid(2, 2))
+    th.grid_train(root, "2x2", _grid(2, 2))
     assert (ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size()) == (4, 1)
-    _train(root, "2x2_ag", (*_grid(2, 2), "--enable-overlap-ag-with-matmul", "--enable-backward-overlap-ag-with-matmul"))
+    th.grid_train(root, "2x2_ag", (*_grid(2, 2), "--enable-overlap-ag-with-matmul", "--enable-backward-overlap-ag-with-matmul"))
     ck = os.path.join(root, "ck2x2")
-    _train(root, "2x2_rs_init", (*_grid(2, 2), "--enable-overlap-matmul-with-rs", *_init(root), "--save", ck,
-                                 "--save-interval", "2"))  # fmt: skip
-    _train(root, "1x2_dp2", (*_grid(1, 2), "--use-distributed-optimizer"))
+    th.grid_train(root, "2x2_rs_init", (*_grid(2, 2), "--enable-overlap-matmul-with-rs", *th.init_flags(root),
+                                        "--save", ck, "--save-interval", "2"))  # fmt: skip
+    th.grid_train(root, "1x2_dp2", (*_grid(1, 2), "--use-distributed-optimizer"))
     assert (ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size()) == (2, 2)
 
 
 def _world2(rank: int, root: str) -> None:
-    _train(root, "1x2", _grid(1, 2))
-    _train(root, "2x1_init", (*_grid(2, 1), *_init(root)))
-
-
-def _resume_world(rank: int, root: str) -> None:
-    from mindspeed_train.launch import train
-
-    ck = os.path.join(root, "ck2x2")
-    train(th.flags(root, os.path.join(root, "resumed_tp1"), extra=(*VOCAB, "--load", ck, "--no-load-rng")))
+    th.grid_train(root, "1x2", _grid(1, 2))
+    th.grid_train(root, "2x1_init", (*_grid(2, 1), *th.init_flags(root)))
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tp2d"))
     th.prepare(path)
-    run_world(_reference_world, 1, path, timeout_s=200)
+    run_world(th.grid_reference_world, 1, path, timeout_s=200)
     return path
 
 
@@ -84,16 +57,7 @@ def test_tp2d_2x2_and_dp_match_one_process(root):
         th.assert_same_run(th.read(os.path.join(root, name)), ref)
     run = th.read(os.path.join(root, "2x2_rs_init"))
     th.assert_same_run(run, ref_init)
-    # the 2x2 checkpoint of step 2 (model and Adam state) continues at TP=1 on the same curve
-    ck = os.path.join(root, "ck2x2")
-    with open(os.path.join(ck, "latest_checkpointed_iteration.txt"), "w") as handle:
-        handle.write("2")
-    run_world(_resume_world, 1, root, timeout_s=200)
-    resumed = th.read(os.path.join(root, "resumed_tp1"))
-    assert [r["iteration"] for r in resumed] == [3, 4]
-    for got, want in zip(resumed, run[2:], strict=True):
-        assert abs(got["loss"] - want["loss"]) <= th.LOSS_TOL, (got, want)
-        assert abs(got["grad_norm"] - want["grad_norm"]) <= th.NORM_TOL, (got, want)
+    th.assert_resumes_at_tp1(root, os.path.join(root, "ck2x2"), run)
 
 
 def test_tp2d_1x2_and_2x1_match_one_process(root):

@@ -171,3 +171,51 @@ def assert_same_run(got: list[dict], want: list[dict], loss_tol: float = LOSS_TO
         assert (mine.get("eval_loss") is None) == (ref.get("eval_loss") is None)
         if ref.get("eval_loss") is not None:
             assert abs(mine["eval_loss"] - ref["eval_loss"]) <= loss_tol, (mine, ref)
+
+
+# Grid-layer runs (TP-2D, NDMM): every run pads the vocabulary to a multiple of 64 x TP (256 for TP
+# 1, 2 and 4), so all layouts have the same logits; "_init" runs start from one TP=1 checkpoint.
+GRID_VOCAB = ("--make-vocab-size-divisible-by", "64")
+
+
+def init_flags(root: str) -> tuple[str, ...]:
+    """Start from the TP=1 checkpoint ``root/init`` (written by :func:`grid_reference_world`)."""
+    return ("--load", os.path.join(root, "init"), "--finetune")
+
+
+def grid_train(root: str, name: str, extra: tuple[str, ...] = (), iters: int = 4) -> None:
+    """One run ``root/name`` of the dense model with ``extra`` flags, one thread per rank."""
+    import torch
+
+    from mindspeed_train.launch import train
+
+    torch.set_num_threads(1)  # 2-4 ranks share 2 cores
+    train(flags(root, os.path.join(root, name), iters=iters, extra=(*GRID_VOCAB, *extra)))
+
+
+def grid_reference_world(rank: int, root: str) -> None:
+    """The one-process references: ``ref`` (from random init) and ``ref_init`` (from ``init``)."""
+    grid_train(root, "ref")
+    grid_train(root, "init", ("--save", os.path.join(root, "init")), iters=1)
+    grid_train(root, "ref_init", init_flags(root))
+
+
+def _resume_tp1_world(rank: int, root: str, ck: str) -> None:
+    from mindspeed_train.launch import train
+
+    train(flags(root, os.path.join(root, "resumed_tp1"), extra=(*GRID_VOCAB, "--load", ck, "--no-load-rng")))
+
+
+def assert_resumes_at_tp1(root: str, ck: str, run: list[dict]) -> None:
+    """The step-2 checkpoint ``ck`` of ``run`` (a 4-step run saving every 2 steps; model and Adam
+    state) continues in one process at TP=1 on the same curve (steps 3 and 4)."""
+    from mindspeed_kernels.testing import run_world
+
+    with open(os.path.join(ck, "latest_checkpointed_iteration.txt"), "w") as handle:
+        handle.write("2")
+    run_world(_resume_tp1_world, 1, root, ck, timeout_s=200)
+    resumed = read(os.path.join(root, "resumed_tp1"))
+    assert [r["iteration"] for r in resumed] == [3, 4]
+    for got, want in zip(resumed, run[2:], strict=True):
+        assert abs(got["loss"] - want["loss"]) <= LOSS_TOL, (got, want)
+        assert abs(got["grad_norm"] - want["grad_norm"]) <= NORM_TOL, (got, want)

@@ -137,6 +137,11 @@ IMPLEMENTED_BY: dict[str, frozenset[str]] = {
         "enable_overlap_ag_with_matmul",
         "enable_overlap_matmul_with_rs",
         "enable_backward_overlap_ag_with_matmul",
+        # Issue #7: NDMM (mindspeed_parallel.ndmm layers in mindspeed_models.ndmm decoder layers),
+        # QKV/fc1 over the nd1 grid and proj/fc2 over the nd2 grid of the TP group.
+        "use_nd_matmul",
+        "nd1_dim1_size",
+        "nd2_dim1_size",
     }),
 }
 

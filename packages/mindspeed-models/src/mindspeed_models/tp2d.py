@@ -38,7 +38,8 @@ from mindspeed_models.config import ModelSpec
 from mindspeed_models.layers import param_device
 from mindspeed_parallel.tp2d import ParallelLinear2D, RMSNorm2D, TP2DGroups, TP2DOverlap, linear_2d, make_tp2d_groups
 
-__all__ = ["Linear2D", "Norm2D", "TP2DSettings", "enable_tp2d", "make_settings"]
+__all__ = ["Linear2D", "MegatronLinearState", "Norm2D", "TP2DSettings", "check_grid_model", "counted", "dp_rank", "enable_tp2d",
+           "grid_layer_specs", "make_settings"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -67,18 +68,52 @@ def make_settings(tp_group: dist.ProcessGroup, tp_x: int, tp_y: int, overlap: TP
     return TP2DSettings(make_tp2d_groups(ranks, tp_x, tp_y), overlap or TP2DOverlap())
 
 
-def _dp_rank() -> int:
+def dp_rank() -> int:
+    """This rank's data-parallel index (with context parallelism): the replica id of its shards."""
     return ps.get_data_parallel_rank(with_context_parallel=True)
 
 
-def _counted(param: torch.nn.Parameter, counted: bool) -> None:
+def counted(param: torch.nn.Parameter, is_counted: bool) -> None:
     # megatron's grad-norm and zero counting take a parameter from every rank that marks it
     # tensor_model_parallel, else from TP rank 0 only: a block replicated over part of the grid is
     # marked on the one replica that must count (TP rank 0 is always such a replica).
-    set_tensor_model_parallel_attributes(param, is_parallel=counted, dim=0, stride=1)
+    set_tensor_model_parallel_attributes(param, is_parallel=is_counted, dim=0, stride=1)
 
 
-class Linear2D(ParallelLinear2D):
+class MegatronLinearState:
+    """What a grid linear layer shares with megatron's linear layers beyond its weights: an empty
+    ``_extra_state`` (in state dicts and as a torch_dist object), and its parameters' accounting."""
+
+    def get_extra_state(self) -> None:
+        """None, as megatron's linear layers (their checkpoints hold an ``_extra_state`` entry)."""
+        return None
+
+    def set_extra_state(self, state) -> None:
+        """Ignored, as megatron's linear layers do."""
+
+    def initialise_weight(self, config: TransformerConfig, init_method: Callable,
+                          cut: Callable[[torch.Tensor], torch.Tensor]) -> None:  # fmt: skip
+        """Draw ``self.weight`` as megatron does: with ``config.use_cpu_initialization`` the full
+        ``[out_features, in_features]`` weight on the host (``init_method``), of which this rank
+        keeps ``cut(full)``, so every layout starts from the same function; else each rank draws its
+        own shard from the tensor-parallel RNG."""
+        if not config.use_cpu_initialization:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                init_method(self.weight)
+            return
+        master = torch.empty(self.out_features, self.in_features, dtype=torch.float)
+        init_method(master)
+        with torch.no_grad():
+            self.weight.copy_(cut(master.to(config.params_dtype)))
+
+    @staticmethod
+    def extra_state_entry(prefix: str, sharded_offsets: tuple) -> dict:
+        """megatron's (empty) ``_extra_state`` object of the layer at ``prefix``."""
+        key = f"{prefix}_extra_state"
+        return {key: make_sharded_object_for_checkpoint(None, key, sharded_offsets)}
+
+
+class Linear2D(MegatronLinearState, ParallelLinear2D):
     """A megatron linear layer (``forward(x) -> (output, None)``, the bias already added) computed by
     :func:`mindspeed_parallel.tp2d.linear_2d` over the grid, gathering over axis ``ag``.
 
@@ -97,43 +132,28 @@ class Linear2D(ParallelLinear2D):
                          init_method=lambda _: None, device=param_device(config), dtype=config.params_dtype)  # fmt: skip
         self.stride = stride
         if config.perform_initialization:
-            self._initialise(config, init_method)
-        _counted(self.weight, True)
+            self.initialise_weight(config, init_method, self._cut)
+        counted(self.weight, True)
         if self.bias is not None:
-            _counted(self.bias, self.r == 0)
+            counted(self.bias, self.r == 0)
 
-    def _initialise(self, config: TransformerConfig, init_method: Callable) -> None:
-        if not config.use_cpu_initialization:
-            with tensor_parallel.get_cuda_rng_tracker().fork():  # each rank draws its own block, as megatron on GPU
-                init_method(self.weight)
-            return
-        master = torch.empty(self.out_features, self.in_features, dtype=torch.float)
-        init_method(master)
-        rows = master.to(config.params_dtype).split(self.out_features // (self.ag_size * self.stride), dim=0)
+    def _cut(self, full: torch.Tensor) -> torch.Tensor:
+        rows = full.split(self.out_features // (self.ag_size * self.stride), dim=0)
         block = torch.cat(rows[self.a :: self.ag_size], dim=0)
         cols = self.in_features // self.rs_size
-        with torch.no_grad():
-            self.weight.copy_(block[:, self.r * cols : (self.r + 1) * cols])
+        return block[:, self.r * cols : (self.r + 1) * cols]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         """``[S/A, B, in/R] -> ([S/R, B, out/A], None)``."""
         return linear_2d(x, self.weight, self.bias, self.ag_group, self.rs_group, self.overlap), None
 
-    def get_extra_state(self) -> None:
-        """None, as megatron's linear layers (their checkpoints hold an ``_extra_state`` entry)."""
-        return None
-
-    def set_extra_state(self, state) -> None:
-        """Ignored, as megatron's linear layers do."""
-
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         """The blocks as pieces of megatron's full ``weight`` [out, in] / ``bias`` [out] (torch_dist keys),
         and megatron's (empty) ``_extra_state`` object, so plain models load TP-2D checkpoints."""
-        n, dp = len(sharded_offsets), _dp_rank()
-        extra = f"{prefix}_extra_state"
+        n, dp = len(sharded_offsets), dp_rank()
         out = {f"{prefix}weight": self._sharded(f"{prefix}weight", self.weight, sharded_offsets, (0, 0, dp),
                                                  ((n + 1, self.r, self.rs_size),)),
-               extra: make_sharded_object_for_checkpoint(None, extra, sharded_offsets)}  # fmt: skip
+               **self.extra_state_entry(prefix, sharded_offsets)}  # fmt: skip
         if self.bias is not None:
             out[f"{prefix}bias"] = self._sharded(f"{prefix}bias", self.bias, sharded_offsets, (0, self.r, dp), ())
         return out
@@ -169,20 +189,22 @@ class Norm2D(RMSNorm2D):
         super().__init__(hidden_size, g.y_group, eps, grad_reduce_group=g.x_group, device=param_device(config),
                          dtype=config.params_dtype)  # fmt: skip
         self.y, self.tp_y, self.x = g.y, g.tp_y, g.x
-        _counted(self.weight, self.x == 0)
+        counted(self.weight, self.x == 0)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         n = len(sharded_offsets)
         key = f"{prefix}weight"
         return {key: ShardedTensor.from_rank_offsets(key, self.weight, *sharded_offsets, (n, self.y, self.tp_y),
-                                                     replica_id=(0, self.x, _dp_rank()), prepend_axis_num=n)}  # fmt: skip
+                                                     replica_id=(0, self.x, dp_rank()), prepend_axis_num=n)}  # fmt: skip
 
 
-def _check_model(spec: ModelSpec, settings: TP2DSettings) -> None:
-    c, g = spec.config, settings.groups
-    if c.tensor_model_parallel_size != g.tp_x * g.tp_y:
-        raise ValueError(f"enable_tp2d: tp_x x tp_y = {g.tp_x} x {g.tp_y} must equal tensor_model_parallel_size "
-                         f"{c.tensor_model_parallel_size}")  # fmt: skip
+def check_grid_model(spec: ModelSpec, feature: str, flag: str, tp: int, split: int, split_name: str) -> None:
+    """Refuse models the grid layers of ``feature`` (e.g. "TP-2D", enabled by ``flag`` "--tp-2d") do
+    not cover: ``tp`` must be megatron's TP size, heads / query groups / ffn divide by ``split`` (the
+    ``split_name`` axis the heads are split over) and the hidden size by ``tp``."""
+    c = spec.config
+    if c.tensor_model_parallel_size != tp:
+        raise ValueError(f"{feature}: the grid's {tp} ranks must equal tensor_model_parallel_size {c.tensor_model_parallel_size}")
     refused = {"MoE layers": bool(c.num_moe_experts), "multi-latent attention": bool(c.multi_latent_attention),
                "multi-token prediction": bool(c.mtp_num_layers), "sequence parallelism": c.sequence_parallel,
                "context parallelism": c.context_parallel_size > 1, "a non-SwiGLU MLP": not c.gated_linear_unit,
@@ -190,13 +212,25 @@ def _check_model(spec: ModelSpec, settings: TP2DSettings) -> None:
                "interleaved rotary embeddings": c.rotary_interleaved}  # fmt: skip
     for what, present in refused.items():
         if present:
-            raise ValueError(f"enable_tp2d: TP-2D with {what} is not implemented; drop --tp-2d or that feature")
+            raise ValueError(f"{feature} with {what} is not implemented; drop {flag} or that feature")
     for name, count in (("num_attention_heads", c.num_attention_heads), ("num_query_groups", c.num_query_groups),
                         ("ffn_hidden_size", c.ffn_hidden_size)):  # fmt: skip
-        if count % g.tp_x:
-            raise ValueError(f"enable_tp2d: {name}={count} must divide by tp_x={g.tp_x}; choose another tp_x")
-    if c.hidden_size % (g.tp_x * g.tp_y):
-        raise ValueError(f"enable_tp2d: hidden_size={c.hidden_size} must divide by tp_x x tp_y = {g.tp_x * g.tp_y}")
+        if count % split:
+            raise ValueError(f"{feature}: {name}={count} must divide by {split_name}={split}; choose another {split_name}")
+    if c.hidden_size % tp:
+        raise ValueError(f"{feature}: hidden_size={c.hidden_size} must divide by the {tp} ranks of the grid")
+
+
+def grid_layer_specs(spec: ModelSpec, layer: type, grid) -> ModelSpec:
+    """``spec`` with every decoder layer a ``layer`` (a GridTransformerLayer) over ``grid``, keeping
+    each plain layer's q/k-norm choice and checkpoint key renames."""
+    layers = []
+    for plain in spec.layer_specs:
+        attention = plain.submodules.self_attention.submodules
+        qk_norm = attention.q_layernorm not in (None, IdentityOp)
+        keys_map = dict(plain.submodules.sharded_state_dict_keys_map)
+        layers.append(ModuleSpec(module=layer, params={"grid": grid, "qk_norm": qk_norm, "keys_map": keys_map}))
+    return dataclasses.replace(spec, layer_specs=tuple(layers))
 
 
 def enable_tp2d(spec: ModelSpec, settings: TP2DSettings) -> ModelSpec:
@@ -205,12 +239,6 @@ def enable_tp2d(spec: ModelSpec, settings: TP2DSettings) -> ModelSpec:
     ``tensor_model_parallel_size = tp_x * tp_y``. Raises ValueError for models TP-2D does not cover."""
     from mindspeed_models.tp2d_layer import TP2DTransformerLayer
 
-    _check_model(spec, settings)
-    layers = []
-    for layer in spec.layer_specs:
-        attention = layer.submodules.self_attention.submodules
-        qk_norm = attention.q_layernorm not in (None, IdentityOp)
-        keys_map = dict(layer.submodules.sharded_state_dict_keys_map)
-        layers.append(ModuleSpec(module=TP2DTransformerLayer,
-                                 params={"tp2d": settings, "qk_norm": qk_norm, "keys_map": keys_map}))  # fmt: skip
-    return dataclasses.replace(spec, layer_specs=tuple(layers))
+    g = settings.groups
+    check_grid_model(spec, "TP-2D", "--tp-2d", g.tp_x * g.tp_y, g.tp_x, "tp_x")
+    return grid_layer_specs(spec, TP2DTransformerLayer, settings)

@@ -44,7 +44,7 @@ from mindspeed_models.tp2d import Linear2D, Norm2D, TP2DSettings
 from mindspeed_parallel.tp2d import gather_2d, split_2d
 from mindspeed_parallel.tp2d.comm import all_gather_first, group_rank, reduce_scatter_first
 
-__all__ = ["TP2DMLP", "TP2DSelfAttention", "TP2DTransformerLayer"]
+__all__ = ["GridTransformerLayer", "TP2DMLP", "TP2DSelfAttention", "TP2DTransformerLayer", "rotate", "split_qkv"]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -84,18 +84,13 @@ class TP2DSelfAttention(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask, rotary_pos_emb) -> torch.Tensor:
         mixed, _ = self.linear_qkv(hidden_states)
-        rows, batch = mixed.shape[:2]
-        per_group = self.heads // self.groups
-        mixed = mixed.view(rows, batch, self.groups, (per_group + 2) * self.head_dim)
-        query, key, value = torch.split(mixed, [per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
-        query = query.reshape(rows, batch, self.heads, self.head_dim)
-        if self.q_layernorm is not None:
-            query, key = self.q_layernorm(query), self.k_layernorm(key)
+        rows = mixed.shape[0]
+        query, key, value = split_qkv(mixed, self.heads, self.groups, self.head_dim, self.q_layernorm, self.k_layernorm)
         y_group = self.tp2d.groups.y_group
         y = group_rank(y_group)
         if rotary_pos_emb is not None:
             q_angles, k_angles = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
-            query, key = _rotate(query, q_angles, y * rows), _rotate(key, k_angles, y * rows)
+            query, key = rotate(query, q_angles, y * rows), rotate(key, k_angles, y * rows)
         visible = (y + 1) * rows  # keys after this rank's last query are masked for all of its queries
         key = _GatherRows.apply(key, y_group)[:visible]
         value = _GatherRows.apply(value, y_group)[:visible]
@@ -105,7 +100,21 @@ class TP2DSelfAttention(MegatronModule):
         return out
 
 
-def _rotate(x: torch.Tensor, angles: torch.Tensor, start: int) -> torch.Tensor:
+def split_qkv(mixed: torch.Tensor, heads: int, groups: int, head_dim: int, q_norm=None, k_norm=None):
+    """Megatron's fused QKV output ``[s, B, groups (heads/groups + 2) head_dim]`` (per query group:
+    its query heads, then one key and one value) -> query [s, B, heads, d], key and value
+    [s, B, groups, d], with the per-head norms applied to query and key when given."""
+    rows, batch = mixed.shape[:2]
+    per_group = heads // groups
+    mixed = mixed.view(rows, batch, groups, (per_group + 2) * head_dim)
+    query, key, value = torch.split(mixed, [per_group * head_dim, head_dim, head_dim], dim=-1)
+    query = query.reshape(rows, batch, heads, head_dim)
+    if q_norm is not None:
+        query, key = q_norm(query), k_norm(key)
+    return query, key, value
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor, start: int) -> torch.Tensor:
     """``x`` [s, B, N, d] at global positions ``start .. start + s`` rotated by ``angles`` [>= S, 1, 1, R]."""
     angles = angles[start : start + x.shape[0]]
     return ops.rotary_pos_emb(x, torch.cos(angles), torch.sin(angles))
@@ -141,31 +150,39 @@ class TP2DMLP(MegatronModule):
         return out
 
 
-class TP2DTransformerLayer(MegatronModule):
-    """A megatron ``TransformerLayer`` replacement (same constructor keywords from TransformerBlock,
-    ``forward(hidden_states, attention_mask, ..., rotary_pos_emb, ...) -> (hidden_states, context)``).
+class GridTransformerLayer(MegatronModule):
+    """A megatron ``TransformerLayer`` replacement over a tensor-parallel grid (same constructor
+    keywords from TransformerBlock, ``forward(hidden_states, attention_mask, ..., rotary_pos_emb, ...)
+    -> (hidden_states, context)``): pre-norm attention and MLP sublayers with residuals.
 
-    The first layer of a pipeline stage takes megatron's ``[S, B, H]`` and cuts this rank's block
-    (:func:`~mindspeed_parallel.tp2d.split_2d`), the last one returns ``[S, B, H]`` again
-    (:func:`~mindspeed_parallel.tp2d.gather_2d`); in between layers pass ``[S/X, B, H/Y]``.
-    ``keys_map``: the torch_dist key renames of the plain layer spec (its fused-norm aliases).
+    Subclasses build the sublayers (``_build``, in megatron's construction order so host-side
+    initialisation draws the plain model's weights) and say how the first layer of a pipeline stage
+    cuts megatron's ``[S, B, H]`` into this rank's block (``_split``) and the last one gathers it
+    back (``_gather``). ``grid``: the subclass's settings; ``keys_map``: the torch_dist key renames
+    of the plain layer spec (its fused-norm aliases).
     """
 
-    def __init__(self, config: TransformerConfig, layer_number: int = 1, *, tp2d: TP2DSettings, qk_norm: bool = False,
+    def __init__(self, config: TransformerConfig, layer_number: int = 1, *, grid, qk_norm: bool = False,
                  keys_map: dict | None = None, pg_collection=None, vp_stage: int | None = None, **unused) -> None:  # fmt: skip
         super().__init__(config=config)
         if config.rotary_interleaved or _yarn_get_concentration_factor_from_config(config) != 1.0:
-            raise ValueError("TP2DTransformerLayer: interleaved rotary / YaRN mscale on the rotation is not implemented")
+            raise ValueError(f"{type(self).__name__}: interleaved rotary / YaRN mscale on the rotation is not implemented")
         pp_rank = None if pg_collection is None else pg_collection.pp.rank()
         self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage, pp_rank)
         self.first_on_stage = layer_number == 1
         self.last_on_stage = layer_number == get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-        self.tp2d, self.keys_map = tp2d, dict(keys_map or {})
-        eps = config.layernorm_epsilon
-        self.input_layernorm = Norm2D(config, config.hidden_size, eps, tp2d)
-        self.self_attention = TP2DSelfAttention(config, self.layer_number, tp2d, qk_norm)
-        self.pre_mlp_layernorm = Norm2D(config, config.hidden_size, eps, tp2d)
-        self.mlp = TP2DMLP(config, tp2d)
+        self.grid, self.keys_map = grid, dict(keys_map or {})
+        self._build(config, grid, qk_norm)
+
+    def _build(self, config: TransformerConfig, grid, qk_norm: bool) -> None:
+        """Set ``input_layernorm``, ``self_attention``, ``pre_mlp_layernorm`` and ``mlp``."""
+        raise NotImplementedError
+
+    def _split(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
                 rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
@@ -174,14 +191,11 @@ class TP2DTransformerLayer(MegatronModule):
                        "inference with a KV cache": inference_context is not None or unused.get("inference_params")}  # fmt: skip
         for what, present in unsupported.items():
             if present:
-                raise ValueError(f"TP2DTransformerLayer: {what} under TP-2D is not implemented yet")
-        groups = self.tp2d.groups
-        h = split_2d(hidden_states, groups.x_group, groups.y_group) if self.first_on_stage else hidden_states
+                raise ValueError(f"{type(self).__name__}: {what} is not implemented yet")
+        h = self._split(hidden_states) if self.first_on_stage else hidden_states
         h = h + self._dropout(self.self_attention(self.input_layernorm(h), attention_mask, rotary_pos_emb))
         h = h + self._dropout(self.mlp(self.pre_mlp_layernorm(h)))
-        if self.last_on_stage:
-            h = gather_2d(h, groups.x_group, groups.y_group)
-        return h, context
+        return (self._gather(h) if self.last_on_stage else h), context
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, p=self.config.hidden_dropout, training=self.training) if self.config.hidden_dropout else x
@@ -194,6 +208,25 @@ class TP2DTransformerLayer(MegatronModule):
             apply_prefix_mapping(out, mapping)
         return out
 
+
+class TP2DTransformerLayer(GridTransformerLayer):
+    """The TP-2D layer (``grid``: :class:`~mindspeed_models.tp2d.TP2DSettings`): the first layer of a
+    stage cuts megatron's ``[S, B, H]`` with :func:`~mindspeed_parallel.tp2d.split_2d`, the last
+    returns it through :func:`~mindspeed_parallel.tp2d.gather_2d`; in between ``[S/X, B, H/Y]``."""
+
+    def _build(self, config: TransformerConfig, grid: TP2DSettings, qk_norm: bool) -> None:
+        eps = config.layernorm_epsilon
+        self.input_layernorm = Norm2D(config, config.hidden_size, eps, grid)
+        self.self_attention = TP2DSelfAttention(config, self.layer_number, grid, qk_norm)
+        self.pre_mlp_layernorm = Norm2D(config, config.hidden_size, eps, grid)
+        self.mlp = TP2DMLP(config, grid)
+
+    def _split(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return split_2d(hidden_states, self.grid.groups.x_group, self.grid.groups.y_group)
+
+    def _gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return gather_2d(hidden_states, self.grid.groups.x_group, self.grid.groups.y_group)
+
     def extra_repr(self) -> str:
-        g = self.tp2d.groups
+        g = self.grid.groups
         return f"layer_number={self.layer_number}, grid={g.tp_x}x{g.tp_y}, first={self.first_on_stage}, last={self.last_on_stage}"

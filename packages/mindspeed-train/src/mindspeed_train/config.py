@@ -39,7 +39,7 @@ TRAIN_PARAMETERS = frozenset({
     "adaptive_cp_without_coarse", "adaptive_cp_dynamic_attn_mask", "adaptive_cp_only_reschedule",
     "adaptive_cp_manually_set_mask_list", "schedules_method", "dualpipev_dw_detach",
     "tp_2d", "tp_x", "tp_y", "enable_overlap_ag_with_matmul", "enable_overlap_matmul_with_rs",
-    "enable_backward_overlap_ag_with_matmul",
+    "enable_backward_overlap_ag_with_matmul", "use_nd_matmul", "nd1_dim1_size", "nd2_dim1_size",
 })  # fmt: skip
 
 
@@ -64,6 +64,8 @@ class ParallelSettings:
     tp_x: int = 1
     tp_y: int = 1
     tp2d_overlap: TP2DOverlap | None = None  # the --enable-*overlap* options of the 2-D linear layers (with tp_2d)
+    # --use-nd-matmul: (nd1_dim1_size, nd2_dim1_size) of the NDMM decoder layers (mindspeed_models.ndmm); None: off
+    nd_matmul: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,7 @@ class TrainConfig:
             parallel=ParallelSettings(tensor=tp, pipeline=pp, expert=ep, data=dp, world=world_size,
                                       sequence_parallel=bool(get("sequence_parallel")), virtual=_virtual(get),
                                       context=cp, cp=_cp(get, cp), schedule=get("schedules_method"),
-                                      dw_detach=bool(get("dualpipev_dw_detach")), **_tp2d(get)),
+                                      dw_detach=bool(get("dualpipev_dw_detach")), **_tp2d(get), **_ndmm(get)),
             batch=BatchSettings(micro=micro, global_=global_, seq_length=_seq_length(get),
                                 num_microbatches=global_ // (micro * dp)),
             optim=_optim(get),
@@ -307,9 +309,12 @@ def _cp(get, size: int) -> CPConfig | None:
     )  # fmt: skip
 
 
-# What the TP-2D decoder layers do not cover yet (mindspeed_models.tp2d refuses model features itself).
-_TP2D_REFUSED = (
+# What the TP-2D and NDMM decoder layers do not cover yet (mindspeed_models.tp2d / .ndmm refuse model
+# features themselves).
+_GRID_REFUSED = (
     ("--ckpt-format torch", lambda get: get("ckpt_format") == "torch"),
+    ("--sequence-parallel", lambda get: get("sequence_parallel")),
+    ("--context-parallel-size > 1", lambda get: (get("context_parallel_size") or 1) > 1),
     ("--schedules-method dualpipev", lambda get: get("schedules_method") == "dualpipev"),
     ("packed sequences (--reset-attention-mask / --neat-pack)",
      lambda get: get("reset_attention_mask") or (get("is_instruction_dataset") and get("neat_pack"))),
@@ -322,9 +327,7 @@ def _tp2d(get) -> dict:
     """ParallelSettings' TP-2D fields (mindspeed-args has checked tp_x * tp_y = TP and no SP)."""
     if not get("tp_2d"):
         return {}
-    for what, present in _TP2D_REFUSED:
-        if present(get):
-            raise ValueError(f"--tp-2d with {what} is not implemented yet; drop one of them")
+    _refuse_grid(get, "--tp-2d")
     ag, rs = bool(get("enable_overlap_ag_with_matmul")), bool(get("enable_overlap_matmul_with_rs"))
     if ag and rs:
         raise ValueError("--enable-overlap-ag-with-matmul and --enable-overlap-matmul-with-rs are alternatives "
@@ -332,6 +335,23 @@ def _tp2d(get) -> dict:
     overlap = TP2DOverlap(ag_with_matmul=ag, matmul_with_rs=rs,
                           backward_ag_with_matmul=bool(get("enable_backward_overlap_ag_with_matmul")))  # fmt: skip
     return {"tp_2d": True, "tp_x": get("tp_x"), "tp_y": get("tp_y"), "tp2d_overlap": overlap}
+
+
+def _refuse_grid(get, flag: str) -> None:
+    for what, present in _GRID_REFUSED:
+        if present(get):
+            raise ValueError(f"{flag} with {what} is not implemented yet; drop one of them")
+
+
+def _ndmm(get) -> dict:
+    """ParallelSettings' NDMM field (mindspeed-args has checked that nd1/nd2 divide TP)."""
+    if not get("use_nd_matmul"):
+        return {}
+    _refuse_grid(get, "--use-nd-matmul")
+    if (get("tensor_model_parallel_size") or 1) < 2:
+        raise ValueError("--use-nd-matmul splits the layers over the tensor-parallel group; "
+                         "set --tensor-model-parallel-size 2 or more")  # fmt: skip
+    return {"nd_matmul": (get("nd1_dim1_size") or 1, get("nd2_dim1_size") or 1)}
 
 
 def _virtual(get) -> int | None:

@@ -107,6 +107,10 @@ def build_job(config: TrainConfig) -> Job:
 
         grid = make_settings(ps.get_tensor_model_parallel_group(), layout.tp_x, layout.tp_y, layout.tp2d_overlap)
         spec = enable_tp2d(spec, grid)
+    if layout.nd_matmul:  # NDMM decoder layers over two grids of megatron's TP group (mindspeed_models.ndmm)
+        from mindspeed_models.ndmm import enable_ndmm, make_ndmm_settings
+
+        spec = enable_ndmm(spec, make_ndmm_settings(ps.get_tensor_model_parallel_group(), *layout.nd_matmul))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=config.optim.distributed_optimizer
     )
