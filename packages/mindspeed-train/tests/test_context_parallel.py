@@ -95,21 +95,3 @@ def test_cp4_algorithms_match_one_process(root):
     for name in CP4_RUNS:
         th.assert_same_run(th.read(os.path.join(root, name)), ref)
     th.assert_same_run(th.read(os.path.join(root, "deepseek_hybrid_adaptive")), th.read(os.path.join(root, "ref_deepseek")))
-
-
-@pytest.mark.parametrize(
-    "model, extra, message",
-    [
-        ("model", ("--context-parallel-algo", "megatron_cp_algo", "--reset-attention-mask"),
-         "packed sequences .* under context parallelism are not implemented yet"),
-    ],
-)  # fmt: skip
-def test_unsupported_cp_launches_are_clear_errors(tmp_path, monkeypatch, model, extra, message):
-    from mindspeed_train import launch
-
-    root = str(tmp_path)
-    th.prepare(root)
-    th.write_deepseek(root)
-    monkeypatch.setattr(launch, "_world_size", lambda: 2)  # (another test may have left a 1-rank group)
-    with pytest.raises(ValueError, match=message):
-        launch.build_config(th.flags(root, os.path.join(root, "x"), model=model, extra=(*CP, "2", *extra)))

@@ -181,11 +181,15 @@ def _packed_inputs(batch: dict) -> tuple[dict, object]:
 
 def _forward_step(per_token: bool, cp, data_iterator, model):
     batch, packed = next(data_iterator), None
-    if cp is not None:
+    if cp is not None and "segments" in batch:  # padded per sequence and split per sequence (see mindspeed_train.context)
+        batch, packed = context.split_packed_batch(batch, cp)
+    elif cp is not None:
         batch = context.split_batch(batch, cp)
-    if "segments" in batch:
+    elif "segments" in batch:
         batch, packed = _packed_inputs(batch)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
+    # packed under CP: the MTP loss skips the padding (its default mask is all ones)
+    extra = {"loss_mask": batch["real_mask"]} if "real_mask" in batch else {}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed, **extra)
     return output, partial(_loss_func, batch["loss_mask"], per_token, cp.groups.cp if cp is not None else None)
 
 

@@ -12,7 +12,9 @@ are split *per sequence* in the same way, so every sequence length must divide b
 (zig-zag) or ``cp`` (contiguous); each rank's local ``cu_seqlens`` is the global one / cp.
 
 Gathers use ``all_gather`` on the caller's group and are not differentiable (they serve
-loss/metric reassembly and tests).
+loss/metric reassembly and tests). Sequences of any length are brought to those multiples with
+:func:`pad_packed` (each sequence padded at its tail, so under a causal mask no real token sees a
+pad token).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ __all__ = [
     "contiguous_indices",
     "contiguous_split",
     "gather_packed",
+    "pad_packed",
     "packed_indices",
+    "padded_packed_rows",
     "split_packed",
     "zigzag_gather",
     "zigzag_indices",
@@ -189,3 +193,42 @@ def gather_packed(local_x: torch.Tensor, cu_seqlens_global, group, zigzag: bool)
         rows, _ = packed_indices(cu_seqlens_global, cp, rank, zigzag, device=local_x.device)
         out.index_copy_(0, rows, part)
     return out
+
+
+def padded_packed_rows(cu_seqlens, multiple: int, device=None) -> tuple[torch.Tensor, list[int]]:
+    """Where the tokens of a packed batch go when every sequence is padded at its tail to a
+    multiple of ``multiple`` tokens.
+
+    ``cu_seqlens``: cumulative end offsets [n] of the unpadded sequences (list or 1-d int tensor;
+    a leading 0 is allowed). Returns ``(rows int64 [T], padded_cu list[int])``: the row of each
+    original token in the padded batch, and the padded batch's cumulative ends (without 0).
+    """
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple={multiple!r} must be a positive int (2 * cp for zig-zag, cp for contiguous)")
+    lengths = _lengths(_drop_leading_zero(cu_seqlens))
+    padded = [-(-length // multiple) * multiple for length in lengths]
+    starts = torch.tensor([0] + padded[:-1], dtype=torch.int64).cumsum(0)
+    # token t of sequence j sits at padded start(j) + (t - start(j)): shift each sequence by the padding before it
+    shift = starts - torch.tensor([0] + lengths[:-1], dtype=torch.int64).cumsum(0)
+    rows = torch.arange(sum(lengths), dtype=torch.int64) + torch.repeat_interleave(shift, torch.tensor(lengths))
+    return rows.to(device), torch.tensor(padded).cumsum(0).tolist()
+
+
+def pad_packed(x: torch.Tensor, cu_seqlens, multiple: int, value=0) -> tuple[torch.Tensor, list[int]]:
+    """``x`` [T, ...] (dim 0 the packed token axis) with every sequence padded at its tail with
+    ``value`` to a multiple of ``multiple`` tokens: ``(padded_x [T', ...], padded_cu list[int])``
+    (cumulative ends without the leading 0), ready for :func:`split_packed`."""
+    rows, padded_cu = padded_packed_rows(cu_seqlens, multiple, device=x.device)
+    if rows.numel() != x.shape[0]:
+        raise ValueError(f"cu_seqlens ends at {rows.numel()} but x has {x.shape[0]} tokens along dim 0; they must match")
+    out = x.new_full((padded_cu[-1], *x.shape[1:]), value)
+    out.index_copy_(0, rows, x)
+    return out, padded_cu
+
+
+def _drop_leading_zero(cu_seqlens):
+    """megatron's ``cu_seqlens`` start with 0; this module's cumulative ends do not."""
+    ends = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 else cu_seqlens
+    if isinstance(ends, (list, tuple)) and len(ends) > 1 and int(ends[0]) == 0:
+        return list(ends[1:])
+    return cu_seqlens
