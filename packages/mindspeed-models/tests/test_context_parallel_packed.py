@@ -1,6 +1,6 @@
 """Packed sequences under context parallelism, on the model's logits: a tiny random qwen2 (GQA)
 at CP=2 given four documents of uneven lengths (none a multiple of 2 x cp) packed into one row,
-padded per document and split per document with ring, ulysses and hybrid, must give every
+padded and split per document with ring and hybrid, split contiguously unpadded with ulysses, must give every
 document's logits as transformers computes them for that document alone (fp32, max abs diff
 <= 1e-4, same argmax): no token sees another document and rotary angles restart per document,
 whatever the layout. Changing one document must leave the other documents' logits unchanged.

@@ -4,9 +4,9 @@ Neat-packed SFT data (conversations of uneven lengths, most not multiples of 2 x
 pack) trained 4 steps at CP=2 with ring (``megatron_cp_algo``) and ulysses (``ulysses_cp_algo``)
 must give the losses (1e-5) and gradient norms (1e-4) of the same packed job on one process,
 which runs megatron's THD path (one row, cu_seqlens, positions restarting per document). The
-DeepSeek-V3-style model (MLA, MoE, MTP) does the same with ring over its first two steps (see the
-test for why not four), so MLA's rotary and the MTP roll respect the documents too. The
-padding/splitting helper is checked against a naive per-document construction, and the
+DeepSeek-V3-style model (MLA, MoE, MTP) does the same with ulysses over all four steps and with
+ring over its first two (see the test for why not four), so MLA's rotary and the MTP roll respect
+the documents too. The padding/splitting helper is checked against a naive construction, and the
 combinations packed CP does not cover stop the launch with a one-line error.
 (That no token attends across documents is checked on the model's logits, against each document
 run alone, in mindspeed-models' tests/test_context_parallel_packed.py.)
@@ -106,6 +106,7 @@ def _cp2_world(rank: int, root: str) -> None:
     for name, extra in RUNS.items():
         _train(root, name, extra=extra)
     _train(root, "deepseek_ring", "deepseek", RUNS["ring"])
+    _train(root, "deepseek_ulysses", "deepseek", RUNS["ulysses"])
 
 
 def test_packs_hold_documents_of_uneven_lengths(root):
@@ -122,11 +123,15 @@ def test_cp2_packed_runs_match_one_process(root):
     ref = th.read(os.path.join(root, "ref"))
     for name in RUNS:
         th.assert_same_run(th.read(os.path.join(root, name)), ref)
-    # DeepSeek: steps 1 and 2 only. Its aux-loss-free router bias moves by the sign of each expert's
-    # token count after every step, and the CP padding tokens are routed (and counted) like the
+    # DeepSeek (MLA, MoE with the aux-loss-free router bias, MTP) with ulysses, which splits the
+    # unpadded stream: the whole run equals one process.
+    deepseek = th.read(os.path.join(root, "ref_deepseek"))
+    th.assert_same_run(th.read(os.path.join(root, "deepseek_ulysses")), deepseek)
+    # With ring: steps 1 and 2 only. The router bias moves by the sign of each expert's token count
+    # after every step, and ring's per-document padding tokens are routed (and counted) like the
     # rows' own padding; from step 3 a flipped sign may route differently. Steps 1-2 check MLA's
     # rotary, attention and the MTP roll (loss, its gradients, the MTP loss) exactly.
-    deepseek, ring = th.read(os.path.join(root, "ref_deepseek")), th.read(os.path.join(root, "deepseek_ring"))
+    ring = th.read(os.path.join(root, "deepseek_ring"))
     assert {"mtp_1 loss"} <= set(deepseek[0]["aux"]), deepseek[0]["aux"]
     for mine, ref in zip(ring[:2], deepseek[:2], strict=True):
         assert abs(mine["loss"] - ref["loss"]) <= th.LOSS_TOL and abs(mine["grad_norm"] - ref["grad_norm"]) <= th.NORM_TOL
@@ -145,7 +150,11 @@ class _Layout:
 
 
 def _naive_split(batch: dict, multiple: int, cp: int, rank: int, zigzag: bool) -> dict:
-    """Per document: cut it out, pad it with zeros to the multiple, take this rank's chunks."""
+    """Ring (``zigzag``), per document: cut it out, pad it with zeros to the multiple, take this rank's
+    two chunks. Ulysses: this rank's contiguous slice of the whole unpadded stream."""
+    if not zigzag:
+        return {key: batch[key].reshape(-1).chunk(cp)[rank].reshape(1, -1)
+                for key in ("tokens", "labels", "loss_mask", "position_ids")}  # fmt: skip
     segments = batch["segments"].reshape(-1).tolist()
     width = batch["segments"].shape[1]
     bounds, start = [], 0
@@ -158,13 +167,13 @@ def _naive_split(batch: dict, multiple: int, cp: int, rank: int, zigzag: bool) -
         flat, parts = batch[key].reshape(-1), []
         for a, b in bounds:
             doc = torch.cat([flat[a:b], flat.new_zeros(-(b - a) % multiple)])
-            chunks = doc.chunk(2 * cp if zigzag else cp)
-            parts += [chunks[rank], chunks[2 * cp - 1 - rank]] if zigzag else [chunks[rank]]
+            chunks = doc.chunk(2 * cp)
+            parts += [chunks[rank], chunks[2 * cp - 1 - rank]]
         out[key] = torch.cat(parts).reshape(1, -1)
     return out
 
 
-@pytest.mark.parametrize("algo, zigzag, multiple", [("megatron_cp_algo", True, 4), ("ulysses_cp_algo", False, 2)])
+@pytest.mark.parametrize("algo, zigzag, multiple", [("megatron_cp_algo", True, 4), ("ulysses_cp_algo", False, 1)])
 def test_split_packed_batch_equals_naive_per_document_split(algo, zigzag, multiple):
     from mindspeed_train.context import split_packed_batch
 

@@ -9,9 +9,10 @@ split everywhere; here the algorithm (``--context-parallel-algo``) decides the s
 positions), and megatron's MTP rolls follow the same positions (:func:`roll_on_layout`, which
 also makes the MTP loss the whole sequence's token mean).
 
-Packed sequences (ring, ulysses and hybrid): every sequence is padded at its tail to
-:attr:`ContextParallel.packed_multiple` tokens and split on its own with the algorithm's layout
-(``mindspeed_parallel.cp.data.packed_indices``); the model takes the local tokens as one
+Packed sequences (ring, ulysses and hybrid): for ring and hybrid every sequence is padded at its
+tail to :attr:`ContextParallel.packed_multiple` tokens and split on its own with the algorithm's
+layout (``mindspeed_parallel.cp.data.packed_indices``); ulysses splits the unpadded packed stream
+contiguously (its all-to-all hands every rank the whole stream). The model takes the local tokens as one
 ``[T/cp, 1]`` row with :meth:`ContextParallel.packed_params`. That PackedSeqParams is
 ``qkv_format="sbhd"`` on purpose: megatron then rotates q/k row by row with the angles the rotary
 modules return here (each local token's position inside its sequence, whatever the layout)
@@ -103,18 +104,21 @@ class ContextParallel:
 
     @property
     def packed_multiple(self) -> int:
-        """Each packed sequence is padded to a multiple of this many tokens: cp (ulysses), 2 * cp
-        (ring: two zig-zag chunks per rank), lcm(2 * ring degree, cp) (hybrid: zig-zag over the ring
-        ranks, then contiguous over the ulysses ranks)."""
+        """Each packed sequence is padded to a multiple of this many tokens: 1 for ulysses (no
+        padding: the packed stream is split contiguously, only its total must divide by cp, and the
+        all-to-all gives each rank the whole stream for its heads), 2 * cp for ring (two zig-zag
+        chunks of every sequence per rank), lcm(2 * ring degree, cp) for hybrid (zig-zag over the
+        ring ranks, then contiguous over the ulysses ranks)."""
         self._check_packed()
         if self.config.algo == ULYSSES:
-            return self.config.size
+            return 1
         return math.lcm(2 * self.config.ring_degree, self.config.size)
 
     def packed_rows_of(self, padded_cu, rank: int, device=None) -> tuple[torch.Tensor, list[int]]:
         """Rows of a packed batch (``padded_cu``: cumulative ends of its sequences, each a multiple
         of :attr:`packed_multiple`, without the leading 0) that cp rank ``rank`` holds, in its local
-        order (int64 [T / cp]), and that rank's cumulative ends (each sequence's length / cp)."""
+        order (int64 [T / cp]), and the cumulative ends its attention takes: each sequence's length / cp
+        for ring and hybrid, the global ends for ulysses (its ranks hold contiguous slices of the stream)."""
         self._check_packed()
         key = tuple(int(end) for end in padded_cu)
         if self._rows[0] != key:  # one packed batch at a time: cache the last one's rows for every layer
@@ -123,8 +127,10 @@ class ContextParallel:
         if rank not in cache:
             if self.config.algo == HYBRID:
                 rows, local = hybrid_packed_indices(list(key), self.config.ulysses_degree, self.config.ring_degree, rank)
+            elif self.config.algo == ULYSSES:
+                rows, local = data.contiguous_indices(key[-1], self.config.size, rank), list(key)
             else:
-                rows, local = data.packed_indices(list(key), self.config.size, rank, zigzag=self.config.algo == RING)
+                rows, local = data.packed_indices(list(key), self.config.size, rank, zigzag=True)
             cache[rank] = (rows, local)
         rows, local = cache[rank]
         return rows.to(device), list(local)
@@ -204,9 +210,17 @@ def _packed_ring(config, groups, q, k, v, causal, scale, local_cu):
                           send_recv_overlap=config.send_recv_overlap)  # fmt: skip
 
 
-def _packed_ulysses(config, groups, q, k, v, causal, scale, local_cu):
-    attn_fn = local_attention(causal=causal, scale=scale)
-    return ulysses_attention(q, k, v, groups.cp, attn_fn=attn_fn, kv_head_repeat=config.kv_head_repeat, cu_seqlens=local_cu)
+def _packed_ulysses(config, groups, q, k, v, causal, scale, ends):
+    # The stream is split contiguously (no per-sequence padding): ulysses treats it as one
+    # [T/cp, 1] sequence and attention runs on the whole stream with the sequences' global ends.
+    whole = local_attention(causal=causal, scale=scale)
+
+    def attn_fn(q_, k_, v_, cu_seqlens=None):
+        return whole(q_.squeeze(1), k_.squeeze(1), v_.squeeze(1), cu_seqlens=ends).unsqueeze(1)
+
+    out = ulysses_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), groups.cp, attn_fn=attn_fn,
+                            kv_head_repeat=config.kv_head_repeat)  # fmt: skip
+    return out.squeeze(1)
 
 
 def _packed_hybrid(config, groups, q, k, v, causal, scale, local_cu):

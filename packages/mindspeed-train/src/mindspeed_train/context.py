@@ -10,11 +10,12 @@ cp size and its DDP averages gradients over the data x context ranks, which yiel
 that mean.
 
 Packed batches (``segments``: neat packs, ``--reset-attention-mask`` documents) become one THD row
-as without CP, but every sequence is first padded at its tail to the algorithm's multiple (2 x cp
-for ring, cp for ulysses; pad tokens are zeros with loss mask 0, invisible to the real tokens under
-the causal mask) and then split on its own across the cp ranks (:func:`split_packed_batch`); the
-model gets ``ContextParallel.packed_params`` so attention stays inside each sequence and the
-rotary angles are each token's position inside its sequence.
+as without CP. Ulysses takes a contiguous slice of that stream as it is; for ring and hybrid every
+sequence is first padded at its tail to the algorithm's multiple (pad tokens are zeros with loss
+mask 0, invisible to the real tokens under the causal mask) and then split on its own across the
+cp ranks (:func:`split_packed_batch`). The model gets ``ContextParallel.packed_params`` so
+attention stays inside each sequence and the rotary angles are each token's position inside its
+sequence.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ def split_packed_batch(batch: dict, cp) -> tuple[dict, object]:
 
     The rows are laid end to end as one THD sequence (``mindspeed_train.data.sft.thd_layout``: a
     row boundary always starts a sequence), every sequence is padded at its tail with zeros
-    (token 0, label 0, loss mask 0, position 0) to ``cp.packed_multiple`` tokens, and each key of
-    :data:`SPLIT_KEYS` is cut per sequence with the algorithm's layout. Returns ``[1, T / cp]``
+    (token 0, label 0, loss mask 0, position 0) to ``cp.packed_multiple`` tokens (1, no padding, for
+    ulysses), and each key of :data:`SPLIT_KEYS` is cut with the algorithm's layout (per sequence
+    for ring and hybrid, a contiguous slice of the stream for ulysses). Returns ``[1, T / cp]``
     tensors (other keys but ``segments`` unchanged) plus ``real_mask`` (1 on the batch's own
     tokens, 0 on the padding: the MTP loss's mask, which megatron otherwise takes as all ones)
     and the params."""
