@@ -71,6 +71,7 @@ class ContextParallel:
         masks = [self.causal_mask(n, "cpu") for n in mask_lengths] if config.adaptive_manually_set_mask_list else None
         self._planner = runtime.make_planner(config, mask_list=masks)
         self._plans: dict[int, object] = {}
+        self._positions: dict[tuple[int, int, str], torch.Tensor] = {}
         self._rows: tuple[tuple[int, ...], dict[int, tuple[torch.Tensor, list[int]]]] = ((), {})
         self._local_cu: list[int] | None = None  # set while a FlashAttention runs on packed sequences
         # In-sequence positions of the local tokens of the last packed batch the model was called
@@ -99,8 +100,14 @@ class ContextParallel:
         return self.positions_of(seq_len, self.rank, device)
 
     def positions_of(self, seq_len: int, rank: int, device=None) -> torch.Tensor:
-        """The global positions cp rank ``rank`` holds."""
-        return runtime.positions(self.config, seq_len, rank, device, plan=self.plan(seq_len))
+        """The global positions cp rank ``rank`` holds (computed once per length, rank and device:
+        every rotary module and MTP roll of every microbatch asks)."""
+        if self.config.adaptive_dynamic_attn_mask:  # the plan may change with every call
+            return runtime.positions(self.config, seq_len, rank, device, plan=self.plan(seq_len))
+        key = (seq_len, rank, str(torch.device(device) if device is not None else "cpu"))
+        if key not in self._positions:
+            self._positions[key] = runtime.positions(self.config, seq_len, rank, device, plan=self.plan(seq_len))
+        return self._positions[key]
 
     @property
     def packed_multiple(self) -> int:

@@ -38,7 +38,7 @@ from torch import nn
 
 from mindspeed_parallel.tp2d.comm import all_gather_last, group_rank, group_size, reduce_scatter_last
 from mindspeed_parallel.tp2d.groups import TP2DGroups, make_tp2d_groups
-from mindspeed_parallel.tp2d.linear import init_weight_
+from mindspeed_parallel.tp2d.linear import copy_shards_, init_weight_
 
 __all__ = ["NdParallelLinear", "make_ndmm_groups", "nd_linear", "shard_nd_linear", "split_nd", "gather_nd"]
 
@@ -158,12 +158,7 @@ class NdParallelLinear(nn.Module):
             device=weight.device, dtype=weight.dtype, init_method=lambda _: None,
         )  # fmt: skip
         args = (group_rank(dim1_group), group_size(dim1_group), group_rank(dim2_group), group_size(dim2_group))
-        w, b = shard_nd_linear(weight, bias, *args)
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if b is not None:
-                layer.bias.copy_(b)
-        return layer
+        return copy_shards_(layer, *shard_nd_linear(weight, bias, *args))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[*, in_features/tp] -> [*, out_features/tp]``."""

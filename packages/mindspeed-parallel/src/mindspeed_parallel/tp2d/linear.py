@@ -54,6 +54,15 @@ from mindspeed_parallel.tp2d.comm import (
 __all__ = ["ParallelLinear2D", "TP2DOverlap", "linear_2d", "shard_linear_2d"]
 
 
+def copy_shards_(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """Copy a weight shard (and bias shard, when not None) into ``layer`` in place; returns ``layer``."""
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
 def init_weight_(weight: torch.Tensor, fan_in: int, init_method: Callable | None) -> None:
     """Initialise a weight shard in place: ``init_method(weight)``, else U(-1/sqrt(fan_in),
     1/sqrt(fan_in)) with ``fan_in`` the full layer's input size (nn.Linear's bias-free bound)."""
@@ -269,11 +278,7 @@ class ParallelLinear2D(nn.Module):
         w, b = shard_linear_2d(
             weight, bias, group_rank(ag_group), group_size(ag_group), group_rank(rs_group), group_size(rs_group)
         )
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if b is not None:
-                layer.bias.copy_(b)
-        return layer
+        return copy_shards_(layer, w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[S/A, *, in_features/R] -> [S/R, *, out_features/A]``."""
