@@ -131,6 +131,8 @@ CASES = [
     case("tp2d.grid", {TP: 8, "num_attention_heads": 16, "tp_2d": True, "tp_x": 2, "tp_y": 2}, {"tp_y": 4}),
     case("tp2d.sequence-parallel", {TP: 4, "tp_2d": True, "tp_x": 2, "tp_y": 2, "sequence_parallel": True},
          {"sequence_parallel": False}),
+    case("tp2d.no-expert-parallel", {TP: 2, "tp_2d": True, "tp_x": 1, "tp_y": 2, "num_experts": 4,
+                                      "expert_model_parallel_size": 2}, {"expert_model_parallel_size": 1}),
     case("tp2d.ndmm-exclusive", {TP: 4, "tp_2d": True, "tp_x": 2, "tp_y": 2, "use_nd_matmul": True},
          {"use_nd_matmul": False}),
     case("tp2d.options-need-tp2d", {TP: 4, "tp_x": 2, "tp_y": 2, "enable_overlap_ag_with_matmul": True},

@@ -32,6 +32,13 @@ RULES: tuple[Rule, ...] = (
         fix="drop --sequence-parallel when using --tp-2d",
     ),
     Rule(
+        id="tp2d.no-expert-parallel", source="MindSpeed tp-2d feature ('2d tp does not support moe')",
+        reads=("tp_2d", "expert_model_parallel_size"), applies=lambda v: bool(v.tp_2d),
+        holds=lambda v: (v.expert_model_parallel_size or 1) == 1,
+        constraint="tp_2d has no 2-D MoE layers, so it cannot be combined with expert parallelism",
+        fix="drop --tp-2d or set --expert-model-parallel-size 1",
+    ),
+    Rule(
         id="tp2d.ndmm-exclusive", source="seed 000 §13/§17",
         reads=("tp_2d", "use_nd_matmul"), applies=lambda v: bool(v.tp_2d), holds=lambda v: not v.use_nd_matmul,
         constraint="tp_2d and use_nd_matmul are alternative tensor-parallel layers",
