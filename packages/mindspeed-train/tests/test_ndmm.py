@@ -1,7 +1,8 @@
 """NDMM through `mindspeed train` (``launch.train``): ``--use-nd-matmul --nd1-dim1-size D1
 --nd2-dim1-size D2 --tensor-model-parallel-size 2`` trains the tiny qwen2 (GQA, qkv biases) with the
 losses (1e-5) and gradient norms (1e-4) of the one-process TP=1 run over 4 steps, for (D1, D2) =
-(1, 2), (2, 1) and (2, 2) (world 2) and (1, 2) x DP=2 with the distributed optimizer (world 4).
+(1, 2), (2, 1) and (2, 2) (world 2), (1, 2) x DP=2 with the distributed optimizer and (2, 1) x CP=2
+(ring attention) (world 4).
 Host-side initialisation makes the NDMM shards independent of the layout; runs marked ``_init``
 start from one TP=1 checkpoint (``--load INIT --finetune``). An NDMM run's torch_dist checkpoint
 resumes at TP=1 (model and optimizer resharded) on the same curve. Every run pads the vocabulary
@@ -39,6 +40,9 @@ def _world4(rank: int, root: str) -> None:
 
     th.grid_train(root, "nd12_dp2", (*_nd(1, 2), "--use-distributed-optimizer"))
     assert (ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size()) == (2, 2)
+    th.grid_train(root, "nd21_cp2_ring", (*_nd(2, 1), "--context-parallel-size", "2", "--use-mcore-models",
+                                          "--context-parallel-algo", "megatron_cp_algo"))  # fmt: skip
+    assert ps.get_context_parallel_world_size() == 2
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +63,10 @@ def test_ndmm_grids_match_one_process_and_resume_at_tp1(root):
     th.assert_resumes_at_tp1(root, os.path.join(root, "ck"), run)
 
 
-def test_ndmm_with_data_parallel_matches_one_process(root):
-    run_world(_world4, 4, root, timeout_s=300)
-    th.assert_same_run(th.read(os.path.join(root, "nd12_dp2")), th.read(os.path.join(root, "ref")))
+def test_ndmm_with_data_and_context_parallel_matches_one_process(root):
+    run_world(_world4, 4, root, timeout_s=400)
+    for name in ("nd12_dp2", "nd21_cp2_ring"):
+        th.assert_same_run(th.read(os.path.join(root, name)), th.read(os.path.join(root, "ref")))
 
 
 @pytest.mark.parametrize(

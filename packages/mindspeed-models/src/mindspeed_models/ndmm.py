@@ -14,7 +14,7 @@ qwen2 / qwen3 style: RMSNorm, SwiGLU, causal RoPE attention, query groups divisi
 into its NDMM version; :func:`~mindspeed_models.build_model` builds it as usual. Parameter names,
 host-side initial values and torch_dist checkpoint keys are those of the plain megatron model, so
 an NDMM model computes the function of the TP=1 model and loads (and saves) the same checkpoints.
-Not combinable (refused): MoE, MLA, MTP, context or sequence parallelism.
+Combines with context parallelism; not combinable (refused): MoE, MLA, MTP, sequence parallelism.
 """
 
 from __future__ import annotations
@@ -158,5 +158,8 @@ def enable_ndmm(spec: ModelSpec, settings: NDMMSettings) -> ModelSpec:
     ``tensor_model_parallel_size`` = the grids' size. Raises ValueError for models NDMM does not cover."""
     from mindspeed_models.ndmm_layer import NDMMTransformerLayer
 
-    check_grid_model(spec, "NDMM", "--use-nd-matmul", settings.tp, settings.tp, "the tensor-parallel size")
+    # Every rank holds all of its tokens' hidden blocks and attends through FlashAttention, so
+    # context parallelism (mindspeed_models.context_parallel) applies to the NDMM layers unchanged.
+    check_grid_model(spec, "NDMM", "--use-nd-matmul", settings.tp, settings.tp, "the tensor-parallel size",
+                     context_parallel=True)  # fmt: skip
     return grid_layer_specs(spec, NDMMTransformerLayer, settings)

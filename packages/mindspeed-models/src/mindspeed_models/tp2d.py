@@ -198,16 +198,19 @@ class Norm2D(RMSNorm2D):
                                                      replica_id=(0, self.x, dp_rank()), prepend_axis_num=n)}  # fmt: skip
 
 
-def check_grid_model(spec: ModelSpec, feature: str, flag: str, tp: int, split: int, split_name: str) -> None:
+def check_grid_model(spec: ModelSpec, feature: str, flag: str, tp: int, split: int, split_name: str,
+                     context_parallel: bool = False) -> None:  # fmt: skip
     """Refuse models the grid layers of ``feature`` (e.g. "TP-2D", enabled by ``flag`` "--tp-2d") do
     not cover: ``tp`` must be megatron's TP size, heads / query groups / ffn divide by ``split`` (the
-    ``split_name`` axis the heads are split over) and the hidden size by ``tp``."""
+    ``split_name`` axis the heads are split over) and the hidden size by ``tp``. ``context_parallel``:
+    whether the layers take a sequence split over context-parallel ranks."""
     c = spec.config
     if c.tensor_model_parallel_size != tp:
         raise ValueError(f"{feature}: the grid's {tp} ranks must equal tensor_model_parallel_size {c.tensor_model_parallel_size}")
     refused = {"MoE layers": bool(c.num_moe_experts), "multi-latent attention": bool(c.multi_latent_attention),
                "multi-token prediction": bool(c.mtp_num_layers), "sequence parallelism": c.sequence_parallel,
-               "context parallelism": c.context_parallel_size > 1, "a non-SwiGLU MLP": not c.gated_linear_unit,
+               "context parallelism": c.context_parallel_size > 1 and not context_parallel,
+               "a non-SwiGLU MLP": not c.gated_linear_unit,
                "an attention output gate": bool(getattr(c, "attention_output_gate", False)),
                "interleaved rotary embeddings": c.rotary_interleaved}  # fmt: skip
     for what, present in refused.items():
