@@ -3,9 +3,9 @@ fp32, no dropout, 4-layer models cut into 2 x PP = 4 chunks laid out in a V. The
 gradient norms (1e-4) must be those of PP=1 in one process from the same start (``--load INIT
 --finetune``, as the PP=2 test of test_loop.py): a qwen2 with untied embeddings (with per-token loss
 and evaluation, the forward-only pass), a llama with tied ones (both copies on pipeline rank 0), with
-and without ``--dualpipev-dw-detach``, DP=2 x PP=2 (distributed optimizer) and TP=2 (sequence
-parallel) x PP=2 on 4 ranks. A torch_dist checkpoint written by a DualPipeV run resumes the same
-curve. The V itself: rank r holds layers r+1 and 4-r.
+and without ``--dualpipev-dw-detach``, DP=2 x PP=2 (distributed optimizer), TP=2 (sequence
+parallel) x PP=2 and CP=2 x PP=2 (ring with the llama, ulysses with the DeepSeek model) on 4 ranks.
+A torch_dist checkpoint written by a DualPipeV run resumes the same curve. The V itself: rank r holds layers r+1 and 4-r.
 
 MoE and MTP: a DeepSeek-V3-style model (MLA, dense layer 1 then MoE with a sigmoid router, expert
 bias and a shared expert, one MTP layer whose embedding copy sits in the last chunk on rank 0) with
@@ -142,6 +142,12 @@ def _quad_world(rank: int, root: str) -> None:
     extra = (*PP2, *_init(root, "llama"), "--tensor-model-parallel-size", "2", "--sequence-parallel")
     _train(th.flags(root, os.path.join(root, "v_tp2"), model="llama", extra=extra), dw_detach=True)
     assert (ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size()) == (2, 1)
+    cp2 = ("--context-parallel-size", "2", "--use-mcore-models", "--context-parallel-algo")
+    _train(th.flags(root, os.path.join(root, "v_cp2"), model="llama",
+                    extra=(*PP2, *_init(root, "llama"), *cp2, "megatron_cp_algo")), dw_detach=True)  # fmt: skip
+    assert (ps.get_context_parallel_world_size(), ps.get_data_parallel_world_size()) == (2, 1)
+    _train(th.flags(root, os.path.join(root, "v_cp2_deepseek"), model="deepseek",
+                    extra=(*PP2, *_init(root, "deepseek"), *cp2, "ulysses_cp_algo")))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +160,7 @@ def root(tmp_path_factory) -> str:
     _write_qwen3_moe(path)
     run_world(_reference_world, 1, path, timeout_s=120)
     run_world(_pair_world, 2, path, timeout_s=150)
-    run_world(_quad_world, 4, path, timeout_s=150)
+    run_world(_quad_world, 4, path, timeout_s=300)
     return path
 
 
@@ -223,6 +229,12 @@ def test_tp2_sequence_parallel_x_dualpipev_pp2_equals_pp1(root):
     th.assert_same_run(th.read(os.path.join(root, "v_tp2")), th.read(os.path.join(root, "ref_llama")))
 
 
+def test_context_parallel_x_dualpipev_pp2_equals_pp1(root):
+    """CP=2 inside the V: ring with the tied llama, ulysses with DeepSeek (MLA, MoE, MTP; eval too)."""
+    th.assert_same_run(th.read(os.path.join(root, "v_cp2")), th.read(os.path.join(root, "ref_llama")))
+    th.assert_same_run(th.read(os.path.join(root, "v_cp2_deepseek")), th.read(os.path.join(root, "ref_deepseek")))
+
+
 def test_dualpipev_checkpoint_resumes_the_same_curve(root):
     run, resumed = th.read(os.path.join(root, "v_llama_dw")), th.read(os.path.join(root, "v_llama_resumed"))
     assert [r["iteration"] for r in resumed] == [3, 4]
@@ -241,7 +253,6 @@ def _base_config(root: str, **parallel):
 @pytest.mark.parametrize("change, message", [
     (dict(pipeline=1), "needs --pipeline-model-parallel-size >= 2"),
     (dict(pipeline=2, virtual=2), "drop --num-layers-per-virtual-pipeline-stage"),
-    (dict(pipeline=2, context=2), "--context-parallel-size > 1 is not implemented"),
     (dict(pipeline=4), "needs >= 2 x PP = 8 micro-batches per step, got 4"),
 ])  # fmt: skip
 def test_unsupported_layouts_are_clear_errors(tmp_path, change, message):

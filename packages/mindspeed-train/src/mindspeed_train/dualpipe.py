@@ -25,6 +25,11 @@ the routers' expert biases; megatron's embedding group holds only pipeline rank 
 Weight-gradient deferral (DualPipeV's W slots, and with ``--dualpipev-dw-detach`` the
 cooldown's too) applies to megatron's Column/RowParallelLinear layers whose backward needs no
 tensor-parallel communication; the others compute dW during B, which is still exact.
+
+Context parallelism: each micro-batch is split for this CP rank (``mindspeed_train.context``) before
+it enters the V, the chunks attend through the CP algorithm, and the loss is the sequence's token
+mean (local sum / global count, times the cp size as megatron's forward step does, DDP averaging over
+the data x context ranks).
 """
 
 from __future__ import annotations
@@ -72,8 +77,6 @@ def check_config(config: TrainConfig) -> None:
     if layout.virtual:
         raise ValueError("--schedules-method dualpipev builds its own 2 chunks per rank; "
                          "drop --num-layers-per-virtual-pipeline-stage")
-    if layout.context > 1:
-        raise ValueError("--schedules-method dualpipev with --context-parallel-size > 1 is not implemented; use CP 1")
     if config.data.packed:
         raise ValueError("--schedules-method dualpipev with packed (THD) batches is not implemented; "
                          "drop --reset-attention-mask / --neat-pack")  # fmt: skip
@@ -298,8 +301,9 @@ class _Losses:
     """``loss_fn`` of the executor: the last chunk's per-token loss reduced as ``loop._loss_func``
     does; keeps each micro-batch's loss record and (per-token loss) the token count."""
 
-    def __init__(self, chunk, config) -> None:
+    def __init__(self, chunk, config, cp=None) -> None:
         self.chunk, self.per_token, self.scale = chunk, config.per_token_loss, None
+        self.cp_group = cp.groups.cp if cp is not None else None
         self.records: dict[int, dict] = {}
         self.tokens = torch.zeros((), dtype=torch.float64)
 
@@ -307,25 +311,32 @@ class _Losses:
         model = _gpt(self.chunk)
         model.set_input_tensor(hidden)
         per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float()
-        out = _loss_func(batch["loss_mask"], self.per_token, None, per_token)
+        out = _loss_func(batch["loss_mask"], self.per_token, self.cp_group, per_token)
         if self.per_token:
             loss, count, record = out
             self.tokens += count.double()
         else:
             loss, record = out
+            if self.cp_group is not None:  # as megatron's forward_step: DDP averages over the cp ranks too
+                loss = loss * self.cp_group.size()
         self.records[batch["index"]] = record
         return self.scale(loss) if self.scale is not None else loss
 
 
-def _microbatches(data_iterator, count: int, rank: int) -> tuple[list, list]:
-    """(chunk-0 inputs, loss labels) of ``count`` micro-batches. Every pipeline rank reads them (the
-    iterators stay in step); only rank 0 of the pipeline uses them."""
+def _microbatches(data_iterator, count: int, rank: int, cp=None) -> tuple[list, list]:
+    """(chunk-0 inputs, loss labels) of ``count`` micro-batches (this CP rank's tokens under context
+    parallelism). Every pipeline rank reads them (the iterators stay in step); only rank 0 of the
+    pipeline uses them."""
+    from mindspeed_train import context
+
     inputs, labels = [], []
     for index in range(count):
         batch = next(data_iterator)
         if "segments" in batch:
             raise ValueError("--schedules-method dualpipev with packed (THD) batches is not implemented; "
                              "drop --reset-attention-mask / --neat-pack")  # fmt: skip
+        if cp is not None:
+            batch = context.split_batch(batch, cp)
         if rank == 0:
             inputs.append(torch.stack([batch["tokens"], batch["position_ids"]]))
             # (tokens and positions: the last chunk's MTP layers embed the shifted tokens)
@@ -343,8 +354,8 @@ def schedule(job: DualPipeVJob, data_iterator, forward_only: bool) -> list[dict]
     from mindspeed_parallel.pipeline.dualpipev import DualPipeV
 
     count, rank = job.config.batch.num_microbatches, ps.get_pipeline_model_parallel_rank()
-    inputs, labels = _microbatches(data_iterator, count, rank)
-    losses = _Losses(job.chunks[1], job.config)
+    inputs, labels = _microbatches(data_iterator, count, rank, job.cp)
+    losses = _Losses(job.chunks[1], job.config, job.cp)
     if forward_only:
         _forward_only(job, inputs, labels, losses, count)
         return [losses.records[i] for i in sorted(losses.records)]
@@ -393,7 +404,7 @@ def _finalize_grads(job: DualPipeVJob, tokens: torch.Tensor | None, count: int) 
     # the token count lives on pipeline rank 0 (megatron's finalize broadcasts from the last stage)
     total = tokens.clone()
     dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     if total.item() > 0:
         for chunk in job.chunks:  # the executor already divided each micro-batch loss by N
             chunk.scale_gradients(count / float(total.item()))
