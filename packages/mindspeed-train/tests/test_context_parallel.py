@@ -3,9 +3,9 @@ tiny qwen2 (GQA) with the losses (1e-5) and gradient norms (1e-4) of the one-pro
 steps: ulysses and ring at CP=2 (ring also with a general mask kept on the CPU, the send/recv
 overlap, and per-token loss), ulysses (kv heads repeated), hybrid (2 x 2) and the double ring
 (window 2), hybrid adaptive at CP=4, adaptive (and its options) at CP=2; and a DeepSeek-V3-style
-model (MLA, MoE with a shared expert, MTP) — the demo's architecture — with ring and ulysses (with
-the fused linear cross-entropy) at CP=2 and hybrid adaptive at CP=4. Unsupported combinations stop
-the launch with a clear error."""
+model (MLA, MoE with a shared expert, MTP) — the demo's architecture — with every algorithm: ring,
+ulysses (with the fused linear cross-entropy) and adaptive at CP=2, hybrid and hybrid adaptive at
+CP=4."""
 
 from __future__ import annotations
 
@@ -60,12 +60,14 @@ def _cp2_world(rank: int, root: str) -> None:
     _train(root, "deepseek_ring", CP2_RUNS["ring"], model="deepseek")
     # MTP's label roll on the contiguous layout, through the fused linear cross-entropy's MTP path
     _train(root, "deepseek_ulysses_fused", (*CP2_RUNS["ulysses"], "--cross-entropy-loss-fusion"), model="deepseek")
+    _train(root, "deepseek_adaptive", CP2_RUNS["adaptive"], model="deepseek")
 
 
 def _cp4_world(rank: int, root: str) -> None:
     for name, extra in CP4_RUNS.items():
         _train(root, name, extra)
     _train(root, "deepseek_hybrid_adaptive", CP4_RUNS["hybrid_adaptive"], model="deepseek")
+    _train(root, "deepseek_hybrid", CP4_RUNS["hybrid"], model="deepseek")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,7 @@ def test_cp2_algorithms_match_one_process(root):
     assert {"mtp_1 loss"} <= set(deepseek[0]["aux"]), deepseek[0]["aux"]
     th.assert_same_run(th.read(os.path.join(root, "deepseek_ring")), deepseek)
     th.assert_same_run(th.read(os.path.join(root, "deepseek_ulysses_fused")), deepseek)
+    th.assert_same_run(th.read(os.path.join(root, "deepseek_adaptive")), deepseek)
 
 
 def test_cp4_algorithms_match_one_process(root):
@@ -94,4 +97,5 @@ def test_cp4_algorithms_match_one_process(root):
     ref = th.read(os.path.join(root, "ref"))
     for name in CP4_RUNS:
         th.assert_same_run(th.read(os.path.join(root, name)), ref)
-    th.assert_same_run(th.read(os.path.join(root, "deepseek_hybrid_adaptive")), th.read(os.path.join(root, "ref_deepseek")))
+    for name in ("deepseek_hybrid_adaptive", "deepseek_hybrid"):
+        th.assert_same_run(th.read(os.path.join(root, name)), th.read(os.path.join(root, "ref_deepseek")))
