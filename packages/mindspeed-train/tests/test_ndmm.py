@@ -70,15 +70,16 @@ def test_ndmm_with_data_and_context_parallel_matches_one_process(root):
 
 
 @pytest.mark.parametrize(
-    "extra, message",
+    "model, extra, message",
     [
-        ((*_nd(1, 2), "--ckpt-format", "torch"), "--use-nd-matmul with --ckpt-format torch is not implemented"),
-        ((*_nd(1, 2), "--sequence-parallel"), "--use-nd-matmul with --sequence-parallel is not implemented"),
-        (("--use-nd-matmul",), "set --tensor-model-parallel-size 2 or more"),
-        ((*_nd(2, 2), "--tp-2d", "--tp-x", "2", "--tp-y", "1"), "tp_2d and use_nd_matmul are alternative"),
+        ("model", (*_nd(1, 2), "--ckpt-format", "torch"), "--use-nd-matmul with --ckpt-format torch is not implemented"),
+        ("model", (*_nd(1, 2), "--sequence-parallel"), "--use-nd-matmul with --sequence-parallel is not implemented"),
+        ("model", ("--use-nd-matmul",), "set --tensor-model-parallel-size 2 or more"),
+        ("model", (*_nd(2, 2), "--tp-2d", "--tp-x", "2", "--tp-y", "1"), "tp_2d and use_nd_matmul are alternative"),
+        ("moe", _nd(1, 2), "NDMM with MoE layers is not implemented; drop --use-nd-matmul"),
     ],
 )  # fmt: skip
-def test_unsupported_ndmm_launches_are_clear_errors(tmp_path, monkeypatch, extra, message):
+def test_unsupported_ndmm_launches_are_clear_errors(tmp_path, monkeypatch, model, extra, message):
     """Refused while the launch is validated, before any process group is made."""
     from mindspeed_train import launch
 
@@ -86,4 +87,4 @@ def test_unsupported_ndmm_launches_are_clear_errors(tmp_path, monkeypatch, extra
     th.prepare(root)
     monkeypatch.setattr(launch, "_world_size", lambda: 2)  # (another test may have left a 1-rank group)
     with pytest.raises(ValueError, match=message):
-        launch.build_config(th.flags(root, os.path.join(root, "x"), extra=extra))
+        launch.build_config(th.flags(root, os.path.join(root, "x"), model=model, extra=extra))

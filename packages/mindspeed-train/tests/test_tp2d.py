@@ -67,14 +67,15 @@ def test_tp2d_1x2_and_2x1_match_one_process(root):
 
 
 @pytest.mark.parametrize(
-    "extra, message",
+    "model, extra, message",
     [
-        ((*_grid(1, 2), "--ckpt-format", "torch"), "--tp-2d with --ckpt-format torch is not implemented"),
-        ((*_grid(1, 2), "--recompute-activation-function"), "--tp-2d with recomputation"),
-        ((*_grid(1, 2), "--enable-overlap-ag-with-matmul", "--enable-overlap-matmul-with-rs"), "are alternatives"),
+        ("model", (*_grid(1, 2), "--ckpt-format", "torch"), "--tp-2d with --ckpt-format torch is not implemented"),
+        ("model", (*_grid(1, 2), "--recompute-activation-function"), "--tp-2d with recomputation"),
+        ("model", (*_grid(1, 2), "--enable-overlap-ag-with-matmul", "--enable-overlap-matmul-with-rs"), "are alternatives"),
+        ("moe", _grid(1, 2), "TP-2D with MoE layers is not implemented; drop --tp-2d"),
     ],
 )  # fmt: skip
-def test_unsupported_tp2d_launches_are_clear_errors(tmp_path, monkeypatch, extra, message):
+def test_unsupported_tp2d_launches_are_clear_errors(tmp_path, monkeypatch, model, extra, message):
     """Refused while the launch is validated, before any process group is made."""
     from mindspeed_train import launch
 
@@ -82,4 +83,4 @@ def test_unsupported_tp2d_launches_are_clear_errors(tmp_path, monkeypatch, extra
     th.prepare(root)
     monkeypatch.setattr(launch, "_world_size", lambda: 2)  # (another test may have left a 1-rank group)
     with pytest.raises(ValueError, match=message):
-        launch.build_config(th.flags(root, os.path.join(root, "x"), extra=extra))
+        launch.build_config(th.flags(root, os.path.join(root, "x"), model=model, extra=extra))

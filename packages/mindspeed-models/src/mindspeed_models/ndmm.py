@@ -34,7 +34,7 @@ from mindspeed_parallel.ndmm import NdParallelLinear, make_ndmm_groups, shard_nd
 from mindspeed_parallel.tp2d import RMSNorm2D, TP2DGroups
 from mindspeed_parallel.tp2d.comm import group_rank, group_size
 
-__all__ = ["NDMMSettings", "NdLinear", "NdNorm", "enable_ndmm", "make_ndmm_settings"]
+__all__ = ["NDMMSettings", "NdLinear", "NdNorm", "check_ndmm_model", "enable_ndmm", "make_ndmm_settings"]
 
 
 @dataclass(frozen=True)
@@ -158,8 +158,13 @@ def enable_ndmm(spec: ModelSpec, settings: NDMMSettings) -> ModelSpec:
     ``tensor_model_parallel_size`` = the grids' size. Raises ValueError for models NDMM does not cover."""
     from mindspeed_models.ndmm_layer import NDMMTransformerLayer
 
+    check_ndmm_model(spec, settings.tp)
+    return grid_layer_specs(spec, NDMMTransformerLayer, settings)
+
+
+def check_ndmm_model(spec: ModelSpec, tp: int) -> None:
+    """Raise ValueError (one line) when the NDMM layers do not cover ``spec`` at TP size ``tp`` (no
+    process groups needed: launchers call it before starting any)."""
     # Every rank holds all of its tokens' hidden blocks and attends through FlashAttention, so
     # context parallelism (mindspeed_models.context_parallel) applies to the NDMM layers unchanged.
-    check_grid_model(spec, "NDMM", "--use-nd-matmul", settings.tp, settings.tp, "the tensor-parallel size",
-                     context_parallel=True)  # fmt: skip
-    return grid_layer_specs(spec, NDMMTransformerLayer, settings)
+    check_grid_model(spec, "NDMM", "--use-nd-matmul", tp, tp, "the tensor-parallel size", context_parallel=True)

@@ -38,8 +38,8 @@ from mindspeed_models.config import ModelSpec
 from mindspeed_models.layers import param_device
 from mindspeed_parallel.tp2d import ParallelLinear2D, RMSNorm2D, TP2DGroups, TP2DOverlap, linear_2d, make_tp2d_groups
 
-__all__ = ["Linear2D", "MegatronLinearState", "Norm2D", "TP2DSettings", "check_grid_model", "counted", "dp_rank", "enable_tp2d",
-           "grid_layer_specs", "make_settings"]  # fmt: skip
+__all__ = ["Linear2D", "MegatronLinearState", "Norm2D", "TP2DSettings", "check_grid_model", "check_tp2d_model",
+           "counted", "dp_rank", "enable_tp2d", "grid_layer_specs", "make_settings"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -242,6 +242,11 @@ def enable_tp2d(spec: ModelSpec, settings: TP2DSettings) -> ModelSpec:
     ``tensor_model_parallel_size = tp_x * tp_y``. Raises ValueError for models TP-2D does not cover."""
     from mindspeed_models.tp2d_layer import TP2DTransformerLayer
 
-    g = settings.groups
-    check_grid_model(spec, "TP-2D", "--tp-2d", g.tp_x * g.tp_y, g.tp_x, "tp_x")
+    check_tp2d_model(spec, settings.groups.tp_x, settings.groups.tp_y)
     return grid_layer_specs(spec, TP2DTransformerLayer, settings)
+
+
+def check_tp2d_model(spec: ModelSpec, tp_x: int, tp_y: int) -> None:
+    """Raise ValueError (one line) when the TP-2D layers do not cover ``spec`` on a ``tp_x x tp_y``
+    grid (no process groups needed: launchers call it before starting any)."""
+    check_grid_model(spec, "TP-2D", "--tp-2d", tp_x * tp_y, tp_x, "tp_x")

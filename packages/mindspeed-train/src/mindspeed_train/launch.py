@@ -165,7 +165,28 @@ def build_config(argv: Sequence[str], world_size: int | None = None) -> TrainCon
     config = TrainConfig.from_args(report.config, model=model, output_dir=ours.output_dir, world_size=world_size,
                                    save_total_limit=_save_total_limit(ours.save_total_limit))  # fmt: skip
     context.check(config, hf)
+    _check_grid_layers(config)
     return config
+
+
+def _check_grid_layers(config: TrainConfig) -> None:
+    """The TP-2D and NDMM decoder layers cover dense GQA models only: refuse any other model here,
+    before a process starts (the model spec alone, no weights or process groups)."""
+    layout = config.parallel
+    if not (layout.tp_2d or layout.nd_matmul):
+        return
+    import mindspeed_models as mm
+
+    spec = mm.from_hf_config(config.model, tensor_model_parallel_size=layout.tensor, context_parallel_size=layout.context,
+                             sequence_parallel=layout.sequence_parallel)  # fmt: skip
+    if layout.tp_2d:
+        from mindspeed_models.tp2d import check_tp2d_model
+
+        check_tp2d_model(spec, layout.tp_x, layout.tp_y)
+    else:
+        from mindspeed_models.ndmm import check_ndmm_model
+
+        check_ndmm_model(spec, layout.tensor)
 
 
 def _init_distributed() -> None:
