@@ -127,19 +127,21 @@ class FlashAttention(MegatronModule):
         return out
 
     def _attend_cp(self, q, k, v, attention_mask, mask_type, scale, dropout, packed) -> torch.Tensor:
-        """This rank's [S/cp, B, N, D] tokens through the job's context-parallel algorithm."""
+        """This rank's [S/cp, B, N, D] tokens (or, with ``packed`` from ``ContextParallel.packed_params``,
+        its packed row [T/cp, 1, N, D]) through the job's context-parallel algorithm."""
         cp = self.context_parallel
         if cp is None:
             raise ValueError("FlashAttention: context_parallel_size > 1 needs "
                              "mindspeed_models.context_parallel.enable_context_parallel(model, ...) after building")  # fmt: skip
-        unsupported = {"packed (THD) sequences": packed is not None, "attention dropout": dropout > 0.0,
-                       "sliding-window attention": self.window is not None,
+        unsupported = {"attention dropout": dropout > 0.0, "sliding-window attention": self.window is not None,
                        "an attention_mask": attention_mask is not None and mask_type != AttnMaskType.no_mask}  # fmt: skip
         for what, present in unsupported.items():
             if present:
                 raise ValueError(f"FlashAttention: {what} under context parallelism is not implemented yet")
+        if packed is not None and q.dim() == 3:  # MLA squeezed the batch axis of the packed row
+            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
         causal = _CAUSAL.get(mask_type) is not None
-        out = cp.attend(q, k, v, causal, None, scale)
+        out = cp.attend(q, k, v, causal, None, scale, packed)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
     def _mask_args(self, attention_mask, mask_type, sq: int, sk: int, device):

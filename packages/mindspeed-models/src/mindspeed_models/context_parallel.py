@@ -23,7 +23,6 @@ refused: the adaptive algorithms with packed sequences, attention dropout, slidi
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import math
@@ -73,27 +72,29 @@ class ContextParallel:
         self._plans: dict[int, object] = {}
         self._positions: dict[tuple[int, int, str], torch.Tensor] = {}
         self._rows: tuple[tuple[int, ...], dict[int, tuple[torch.Tensor, list[int]]]] = ((), {})
-        self._local_cu: list[int] | None = None  # set while a FlashAttention runs on packed sequences
         # In-sequence positions of the local tokens of the last packed batch the model was called
         # with (None: not packed); read by the rotary modules, also when a layer is recomputed.
         self.rope_positions: torch.Tensor | None = None
 
-    def attend(self, q, k, v, causal: bool, attention_mask, scale) -> torch.Tensor:
-        if self._local_cu is not None:
-            return self._attend_packed(q, k, v, causal, attention_mask, scale)
+    def attend(self, q, k, v, causal: bool, attention_mask, scale, packed: PackedSeqParams | None = None) -> torch.Tensor:
+        """The algorithm on this rank's tokens: [S/cp, B, N, D] tensors, or with ``packed`` (from
+        :meth:`packed_params`) one packed row [T/cp, 1, N, D] whose sequences stay apart."""
+        if packed is not None:
+            return self._attend_packed(q, k, v, causal, attention_mask, scale, packed)
         seq_len = q.shape[0] * self.config.size
         if causal and self.config.mask_type == "general":
             attention_mask, causal = self.causal_mask(seq_len, q.device), False
         return runtime.attention(self.config, self.groups, q, k, v, causal=causal, attention_mask=attention_mask,
                                  scale=scale, plan=self.plan(seq_len))  # fmt: skip
 
-    def _attend_packed(self, q, k, v, causal: bool, attention_mask, scale) -> torch.Tensor:
+    def _attend_packed(self, q, k, v, causal: bool, attention_mask, scale, packed: PackedSeqParams) -> torch.Tensor:
         """q [T/cp, 1, Nq, D], k/v [T/cp, 1, Nkv, D|Dv] (one packed row) -> [T/cp, 1, Nq, Dv]."""
         if attention_mask is not None or q.shape[1] != 1:
             raise ValueError(f"packed sequences under CP take one [T/cp, 1, N, D] row and no attention_mask, got q "
                              f"{tuple(q.shape)} and a mask: {attention_mask is not None}")  # fmt: skip
+        _, cu = self.packed_rows_of(_padded_ends(packed)[1:].tolist(), self.rank)
         attend = _PACKED_ATTENTION[self.config.algo]
-        out = attend(self.config, self.groups, q.squeeze(1), k.squeeze(1), v.squeeze(1), causal, scale, self._local_cu)
+        out = attend(self.config, self.groups, q.squeeze(1), k.squeeze(1), v.squeeze(1), causal, scale, cu)
         return out.unsqueeze(1)
 
     def positions(self, seq_len: int, device=None) -> torch.Tensor:
@@ -166,16 +167,6 @@ class ContextParallel:
         rows, _ = self.packed_rows_of(cu[1:].tolist(), self.rank, cu.device)
         # position of each local token inside its sequence (as megatron's THD rotary restarts them)
         self.rope_positions = rows - cu[torch.searchsorted(cu[1:], rows, right=True)]
-
-    @contextlib.contextmanager
-    def packed_attention(self, packed: PackedSeqParams):
-        """While inside, :meth:`attend` runs the packed (TND) algorithm on ``packed``'s sequences."""
-        cu = _padded_ends(packed)
-        _, self._local_cu = self.packed_rows_of(cu[1:].tolist(), self.rank)
-        try:
-            yield
-        finally:
-            self._local_cu = None
 
     def _check_packed(self) -> None:
         if self.config.algo not in PACKED_ALGORITHMS:
@@ -259,7 +250,6 @@ def enable_context_parallel(model: torch.nn.Module, cp: ContextParallel) -> None
     for module in model.modules():
         if isinstance(module, FlashAttention):
             module.context_parallel = cp
-            _route_packed(module, cp)
         elif isinstance(module, (RotaryAngles, RotaryEmbedding, YarnRotaryEmbedding)):
             _slice_rotary(module, cp, squeezed=id(module) in mla_rotary)
 
@@ -278,27 +268,6 @@ def _bind_packed(model: torch.nn.Module, cp: ContextParallel) -> None:
 
     model.forward = forward
     model._cp_binds_packed = True
-
-
-def _route_packed(module: torch.nn.Module, cp: ContextParallel) -> None:
-    """Make a FlashAttention given ``cp.packed_params`` run the packed algorithm on its local
-    [T/cp, 1, N, D] tensors (MLA's [T/cp, N, D]) and return [T/cp, 1, N * Dv] (its own checks for
-    dropout, windows and masks still apply)."""
-    if getattr(module, "_cp_packed", False):
-        return
-    full = module.forward
-
-    @functools.wraps(full)
-    def forward(query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
-        if packed_seq_params is None:
-            return full(query, key, value, attention_mask, attn_mask_type, attention_bias, None)
-        if query.dim() == 3:  # MLA squeezed the batch axis of the packed row
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        with cp.packed_attention(packed_seq_params):
-            return full(query, key, value, attention_mask, attn_mask_type, attention_bias, None)
-
-    module.forward = forward
-    module._cp_packed = True
 
 
 def roll_on_layout(cp: ContextParallel | None, tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):

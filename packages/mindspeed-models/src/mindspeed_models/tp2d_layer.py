@@ -27,6 +27,8 @@ gradients are summed over the TP group by megatron's ``finalize_model_grads`` (`
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
@@ -150,7 +152,7 @@ class TP2DMLP(MegatronModule):
         return out
 
 
-class GridTransformerLayer(MegatronModule):
+class GridTransformerLayer(MegatronModule, abc.ABC):
     """A megatron ``TransformerLayer`` replacement over a tensor-parallel grid (same constructor
     keywords from TransformerBlock, ``forward(hidden_states, attention_mask, ..., rotary_pos_emb, ...)
     -> (hidden_states, context)``): pre-norm attention and MLP sublayers with residuals.
@@ -174,15 +176,17 @@ class GridTransformerLayer(MegatronModule):
         self.grid, self.keys_map = grid, dict(keys_map or {})
         self._build(config, grid, qk_norm)
 
+    @abc.abstractmethod
     def _build(self, config: TransformerConfig, grid, qk_norm: bool) -> None:
         """Set ``input_layernorm``, ``self_attention``, ``pre_mlp_layernorm`` and ``mlp``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _split(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Megatron's ``[S, B, H]`` -> this rank's block (the stage's first layer)."""
 
+    @abc.abstractmethod
     def _gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """This rank's block -> megatron's ``[S, B, H]`` (the stage's last layer)."""
 
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
                 rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
