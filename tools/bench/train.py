@@ -7,11 +7,15 @@ settings, for the same number of steps, in the same run:
 
 - **ours**: the real loop in-process: ``mindspeed_train.launch.build_config(argv)`` on the flags a
   ``mindspeed train`` launch would get, then ``loop.init_parallel`` / ``loop.build_job`` /
-  ``loop.train_step`` (megatron-core GPTModel with mindspeed-kernels inside, megatron DDP, megatron's
-  optimizer wrapper around torch AdamW, the LR scheduler, gradient clipping);
+  ``loop.train_step`` (megatron-core GPTModel with mindspeed-kernels inside, megatron DDP with
+  gradient-accumulation fusion, megatron's optimizer wrapper around torch's fused AdamW, the LR
+  scheduler, gradient clipping);
 - **hf**: ``AutoModelForCausalLM.from_config`` (same config, ``attn_implementation="sdpa"``),
   ``torch.optim.AdamW`` with megatron's weight-decay grouping (none on biases and 1-D parameters),
-  ``clip_grad_norm_``, token-mean cross-entropy over the same (already shifted) labels.
+  ``clip_grad_norm_``, token-mean cross-entropy over the same (already shifted) labels. Its AdamW
+  runs torch's default implementation (a per-tensor loop on CPU, foreach on CUDA);
+  ``--hf-fused-adamw`` gives it the fused kernel ours uses, to separate the optimizer from the rest.
+  The report names each side's AdamW implementation.
 
 Initial weights: the HF model's, copied into ours with ``mindspeed_ckpt.maps.hf_to_mcore``, so step
 1 losses agree to float rounding and the loss trajectories can be compared step by step.
@@ -150,8 +154,19 @@ def build_hf(model_dir: Path, job, a: argparse.Namespace, device: torch.device):
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
     groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=tuple(a.betas), eps=a.eps)
+    fused = {"fused": True} if a.hf_fused_adamw else {}
+    optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=tuple(a.betas), eps=a.eps, **fused)
     return model, optimizer
+
+
+def adamw_kind(groups: list[dict], device: torch.device) -> str:
+    """Which AdamW implementation torch runs for these param groups ("fused", "foreach", "for-loop")."""
+    if all(g.get("fused") for g in groups):
+        return "fused"
+    foreach = [g.get("foreach") for g in groups]
+    if all(f is None for f in foreach):  # torch's default: foreach on CUDA tensors only
+        return "foreach" if device.type == "cuda" else "for-loop"
+    return "foreach" if all(foreach) else "for-loop"
 
 
 def hf_step(model, optimizer, batches: list[dict], clip_grad: float) -> float:
@@ -237,7 +252,7 @@ def print_report(row: dict, s: dict, a: argparse.Namespace, device: str) -> None
           f"{s['hidden']} ffn {s['ffn']} layers {s['layers']} heads {s['heads']}/{s['kv_heads']} vocab {s['vocab']}, "
           f"seq {s['seq']} x micro {s['micro']} x accum {a.accum} = {row['tokens_per_step']} tokens/step, "
           f"{s['warmup']} warm-up + {s['steps']} timed steps per side, interleaved by {s['chunk']}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"AdamW: ours {row['adamw']['ours']}, hf {row['adamw']['hf']}; load average {os.getloadavg()[0]:.2f}")
     head = ("side", "tokens/s (median)", "tokens/s (best)", "median step s", "best step s", "median CPU s", "loss first",
             "loss last")
     lines = [head]
@@ -292,6 +307,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eps", type=float, default=1e-8)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip-grad", type=float, default=1.0, help="0: no clipping")
+    ap.add_argument("--hf-fused-adamw", action="store_true",
+                    help="give the hf side torch's fused AdamW too (default: torch's default implementation)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides (default: torch's)")
     ap.add_argument("--device", choices=("cpu", "cuda", "npu"), default="cpu")
@@ -325,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
             batches = make_batches(config, job, steps * a.accum, device)
             hf_model, hf_opt = build_hf(model_dir, job, a, device)
             row = summarise(run_sides(job, hf_model, hf_opt, batches, a, s), s, a)
-            row.update(sizes=s, model_type=a.model_type, device=str(device), threads=torch.get_num_threads(), loss_tol=tol)
+            from mindspeed_train.optim import inner_optimizers
+
+            ours_groups = [g for inner in inner_optimizers(job.optimizer) for g in inner.param_groups]
+            row.update(sizes=s, model_type=a.model_type, device=str(device), threads=torch.get_num_threads(), loss_tol=tol,
+                       adamw={"ours": adamw_kind(ours_groups, device), "hf": adamw_kind(hf_opt.param_groups, device)})
             print_report(row, s, a, str(device))
             if a.profile:
                 print_profiles(job, hf_model, hf_opt, batches, a, device)

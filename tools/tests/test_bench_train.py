@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "train.py"
 sys.path.insert(0, str(BENCH.parent))
@@ -30,8 +31,17 @@ def test_quick_run_prints_a_ratio_and_equal_losses(tmp_path):
         assert len(row[side]["times_s"]) == len(row[side]["losses"]) == steps
         assert row[side]["tokens_per_s"] > 0 and all(math.isfinite(x) for x in row[side]["losses"])
     assert row["ratio"] > 0 and row["ratio_best"] > 0 and row["ratio_cpu"] > 0
+    assert row["adamw"] == {"ours": "fused", "hf": "for-loop"}  # torch's CPU default for the baseline
     # the same initial weights, batches and optimizer: the trajectories agree step by step
     assert row["loss_max_abs_diff"] <= 1e-3
+
+
+def test_adamw_kind_names_torchs_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.adamw_kind([{"fused": True}, {"fused": True}], cpu) == "fused"
+    assert train.adamw_kind([{"fused": None, "foreach": None}], cpu) == "for-loop"
+    assert train.adamw_kind([{"fused": None, "foreach": None}], cuda) == "foreach"
+    assert train.adamw_kind([{"fused": False, "foreach": True}], cpu) == "foreach"
 
 
 def test_summarise_ratios_skip_warmup():

@@ -1,8 +1,9 @@
 """Loop features against runs without them, through the real `mindspeed train` path (4 steps,
 fp32, no dropout, tiny qwen2):
 
-- recomputation (full uniform, full block, selective core attention, norms, MLP activations) and the fused linear
-  cross-entropy change memory, not numbers: losses (1e-5) and grad norms (1e-4) of the plain run;
+- recomputation (full uniform, full block, selective core attention, norms, MLP activations), the fused linear
+  cross-entropy and turning gradient-accumulation fusion off change memory or speed, not numbers: losses (1e-5)
+  and grad norms (1e-4) of the plain run;
 - sequence parallelism at TP=2 equals TP=1;
 - virtual pipeline stages (PP=2 x 2 chunks of a 4-layer model, megatron's interleaved 1F1B) equal
   PP=1 from the same start; its torch_dist checkpoint (``model0``/``model1``) resumes exactly;
@@ -31,8 +32,10 @@ RECOMPUTE = {
                   "--profile-step-end", "3"),
     "norm": ("--recompute-norm", "--use-mcore-models"),
     "activation": ("--recompute-activation-function",),
-    # not a recompute, but the same promise: the fused linear cross-entropy changes memory, not numbers
+    # not recomputes, but the same promise: the fused linear cross-entropy changes memory, not numbers,
+    # and so does adding weight gradients into the DDP buffer after the GEMM (fusion is the default)
     "fused_ce": ("--cross-entropy-loss-fusion",),
+    "no_grad_accum_fusion": ("--no-gradient-accumulation-fusion",),
 }
 PACKED = ("--reset-attention-mask",)
 

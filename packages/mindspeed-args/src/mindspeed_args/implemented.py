@@ -110,6 +110,9 @@ IMPLEMENTED_BY: dict[str, frozenset[str]] = {
         # Issue #6: the LM and MTP losses through mindspeed_kernels' fused linear cross-entropy
         # (cross_entropy_fusion_impl stays "native": "te" needs TransformerEngine).
         "cross_entropy_loss_fusion",
+        # Issue #6: weight gradients added straight into the DDP buffer (megatron's default; the
+        # flag turns it off); on CPU/NPU through mindspeed_models.adaptor's stand-in for apex.
+        "no_gradient_accumulation_fusion",
         # Issue #7: context parallelism in the loop (mindspeed_parallel.cp through mindspeed_models'
         # FlashAttention): ulysses, megatron ring (double ring, send/recv overlap), hybrid, adaptive
         # and hybrid adaptive, with causal or general (explicit) masks.

@@ -113,9 +113,13 @@ def _set_adam_step(optimizer, step: float) -> None:
     # megatron's sharded optimizer state keeps Adam's per-parameter ``step`` as a plain value of the
     # load template (not a sharded tensor), so the loaded states carry the template's placeholder;
     # the step saved in the common state is put back here.
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in part.optimizer.state.values():
-            state["step"] = torch.tensor(float(step))
+    from mindspeed_train.optim import inner_optimizers, set_step_tensor
+
+    for inner in inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if param in inner.state:
+                    inner.state[param]["step"] = set_step_tensor(step, param, fused=bool(group.get("fused")))
 
 
 def _model_keys(chunks: list) -> list[str]:

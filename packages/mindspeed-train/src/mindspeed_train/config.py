@@ -33,7 +33,7 @@ TRAIN_PARAMETERS = frozenset({
     "calculate_per_token_loss", "sequence_parallel", "fp16", "loss_scale", "initial_loss_scale", "min_loss_scale",
     "loss_scale_window", "hysteresis", "recompute_granularity", "recompute_method", "recompute_num_layers",
     "recompute_norm", "recompute_activation_function", "use_mcore_models", "num_layers_per_virtual_pipeline_stage",
-    "cross_entropy_loss_fusion",
+    "cross_entropy_loss_fusion", "no_gradient_accumulation_fusion",
     "context_parallel_size", "context_parallel_algo", "ulysses_degree_in_cp", "cp_attention_mask_type",
     "cp_window_size", "use_cp_send_recv_overlap", "kv_head_repeat_before_uly_alltoall", "attention_mask_on_cpu",
     "adaptive_cp_without_coarse", "adaptive_cp_dynamic_attn_mask", "adaptive_cp_only_reschedule",
@@ -231,6 +231,7 @@ class TrainConfig:
     data: DataSettings = DataSettings()
     per_token_loss: bool = False  # --calculate-per-token-loss: the global batch's token mean
     loss_fusion: bool = False  # --cross-entropy-loss-fusion: LM/MTP loss via mindspeed_kernels' fused linear CE
+    grad_accum_fusion: bool = True  # megatron's gradient_accumulation_fusion (off: --no-gradient-accumulation-fusion)
 
     @classmethod
     def from_args(cls, cfg: Any, *, model: str, output_dir: str | None, world_size: int,
@@ -275,6 +276,7 @@ class TrainConfig:
             profile=_profile(get),
             data=_data(get), per_token_loss=bool(get("calculate_per_token_loss")),
             loss_fusion=bool(get("cross_entropy_loss_fusion")),
+            grad_accum_fusion=not get("no_gradient_accumulation_fusion"),
         )  # fmt: skip
 
 

@@ -239,14 +239,15 @@ class _DeferrableMatmul(torch.autograd.Function):
 
 class _DeferringImpl:
     """Replaces a megatron linear's ``_forward_impl``: deferrable when the layer's backward needs
-    no tensor-parallel communication and no fused accumulation, megatron's own otherwise."""
+    no tensor-parallel communication, megatron's own otherwise."""
 
     def __init__(self, original) -> None:
         self.original, self.store = original, None
 
     def __call__(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
                  sequence_parallel=False, grad_output_buffer=None, **kwargs):  # fmt: skip
-        plain = not (gradient_accumulation_fusion or allreduce_dgrad or sequence_parallel or grad_output_buffer)
+        # (fused accumulation is no obstacle: the deferred weight gradients go into main_grad anyway)
+        plain = not (allreduce_dgrad or sequence_parallel or grad_output_buffer)
         if self.store is None or not plain or not weight.requires_grad or not torch.is_grad_enabled():
             return self.original(input=input, weight=weight, bias=bias, gradient_accumulation_fusion=gradient_accumulation_fusion,
                                  allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,

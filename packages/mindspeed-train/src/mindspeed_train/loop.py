@@ -86,6 +86,7 @@ def build_job(config: TrainConfig) -> Job:
     from megatron.core.transformer.module import Float16Module
 
     import mindspeed_models as mm
+    from mindspeed_models.adaptor import grad_accum_fusion_available
     from mindspeed_models.context_parallel import enable_context_parallel
     from mindspeed_train.optim import build_optimizer, build_scheduler
 
@@ -98,6 +99,8 @@ def build_job(config: TrainConfig) -> Job:
         pipeline_dtype=dtype, bf16=precision.bf16, fp16=precision.fp16,
         make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
         calculate_per_token_loss=config.per_token_loss, cross_entropy_loss_fusion=config.loss_fusion,
+        # as megatron's arguments do: on unless turned off, and only where the linears can fuse
+        gradient_accumulation_fusion=config.grad_accum_fusion and grad_accum_fusion_available(),
         # pipeline stages exchange each microbatch's shape first (megatron's p2p) only when it varies
         variable_seq_lengths=config.data.variable and layout.pipeline > 1,
         **config.recompute.megatron_kwargs(),
@@ -201,14 +204,19 @@ def _reduce_loss(store: list[dict]) -> float:
 
     if store and store[0]["lm loss"].numel() == 2:
         pair = torch.stack([entry["lm loss"] for entry in store]).sum(dim=0).double()
-        dist.all_reduce(pair, group=ps.get_data_parallel_group(with_context_parallel=True))
+        _all_reduce(pair, ps.get_data_parallel_group(with_context_parallel=True))
         total = (pair[0] / pair[1].clamp(min=1)).reshape(1)
     else:
         total = torch.stack([entry["lm loss"] for entry in store]).mean() if store else torch.zeros(())
         total = total.reshape(1).double() / ps.get_data_parallel_world_size()
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
-    dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        _all_reduce(total, ps.get_data_parallel_group())
+    _all_reduce(total, ps.get_pipeline_model_parallel_group())
     return float(total.item())
+
+
+def _all_reduce(tensor: torch.Tensor, group) -> None:
+    if dist.get_world_size(group) > 1:  # (a one-rank collective still costs a gloo round trip)
+        dist.all_reduce(tensor, group=group)
 
 
 def _schedule(job: Job, data_iterator, forward_only: bool) -> list[dict]:

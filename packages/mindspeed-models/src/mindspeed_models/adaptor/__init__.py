@@ -47,7 +47,7 @@ from mindspeed_models.adaptor import patching
 from mindspeed_models.adaptor.patching import Patch, SeamDrift
 from mindspeed_models.adaptor.seams import SEAMS, Seam, format_table, seams_for
 
-__all__ = ["SEAMS", "Seam", "SeamDrift", "applied", "format_table", "install", "installed"]
+__all__ = ["SEAMS", "Seam", "SeamDrift", "applied", "format_table", "grad_accum_fusion_available", "install", "installed"]
 
 _TYPE_NAMES = ("FloatTensor", "HalfTensor", "BFloat16Tensor")
 _state: dict = {"device": None, "patches": ()}
@@ -93,6 +93,15 @@ def install(device=None) -> None:
         return
     patches = _apply(kind, seams_for(kind)) if kind != "cuda" else ()
     _state.update(device=kind, patches=patches)
+
+
+def grad_accum_fusion_available() -> bool:
+    """Whether megatron's linears can take ``gradient_accumulation_fusion=True`` in this process:
+    apex's ``fused_weight_gradient_mlp_cuda`` imported (CUDA), or the adaptor's stand-in was
+    installed (cpu, npu). Call after :func:`install`."""
+    from megatron.core.tensor_parallel import layers
+
+    return bool(layers._grad_accum_fusion_available)
 
 
 def _device_parts(kind: str):

@@ -206,6 +206,24 @@ def _checkpoint_init_factory(original):
     return __init__
 
 
+def wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """``main_grad += grad_output^T @ total_input`` over the flattened leading dims: the contract of
+    apex's ``fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32/fp16`` (MindSpeed's
+    ``npu_matmul_add_fp32``), which megatron's linear backward calls under
+    ``gradient_accumulation_fusion``: the weight gradient lands in the DDP buffer in one GEMM,
+    without a separate ``param.grad`` and the hook's ``main_grad.add_``."""
+    x = total_input.reshape(-1, total_input.shape[-1])
+    g = grad_output.reshape(-1, grad_output.shape[-1])
+    if x.dtype == g.dtype == main_grad.dtype:
+        main_grad.addmm_(g.t(), x)
+    else:  # half activations into an fp32 buffer: the product in their dtype, as megatron's unfused path
+        main_grad.add_(g.t().matmul(x))
+
+
+# stands in for apex's extension module where it is not installed
+WGRAD_ACCUMULATION = types.SimpleNamespace(wgrad_gemm_accum_fp32=wgrad_gemm_accum, wgrad_gemm_accum_fp16=wgrad_gemm_accum)
+
+
 def copy_config(config, **changes):
     """A shallow copy of a (dataclass) config with ``changes``, without re-running validation."""
     out = copy.copy(config)
@@ -222,6 +240,9 @@ SHARED_REPLACEMENTS = {
     ("tensor_parallel.random", "CheckpointWithoutOutput.__init__"): _checkpoint_init_factory,
     ("transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu"): lambda original: host_copy,
     ("dist_checkpointing.strategies.filesystem_async", "_process_memory"): lambda original: process_rss,
+    ("tensor_parallel.layers", "fused_weight_gradient_mlp_cuda"):
+        lambda original: WGRAD_ACCUMULATION if original is MISSING else original,
+    ("tensor_parallel.layers", "_grad_accum_fusion_available"): lambda original: True,
 }
 REPLACEMENTS = {
     **SHARED_REPLACEMENTS,

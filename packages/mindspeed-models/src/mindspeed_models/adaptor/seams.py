@@ -174,6 +174,14 @@ SEAMS: tuple[Seam, ...] = (
          "split sizes -> numpy (they are already on the host)", "copy to host for any non-CPU tensor",
          "megatron only moves CUDA tensors, so off CUDA the alltoall split sizes stay tensors and "
          "all_to_all_single rejects them"),
+    Seam("tensor_parallel.layers", "fused_weight_gradient_mlp_cuda", "attr",
+         ("LinearWithGradAccumulationAndAsyncCommunication.backward",), (46, 569, 573),
+         "cpu.wgrad_gemm_accum (main_grad.addmm_) unless apex is installed", "same as cpu",
+         "gradient_accumulation_fusion (megatron's default) needs apex's extension, bound only when it imports"),
+    Seam("tensor_parallel.layers", "_grad_accum_fusion_available", "attr",
+         ("ColumnParallelLinear.__init__", "RowParallelLinear.__init__"), (44, 924),
+         "True (the stand-in above)", "same as cpu",
+         "the linears refuse gradient_accumulation_fusion=True when apex's extension did not import"),
     Seam("pipeline_parallel.p2p_communication", "_batched_p2p_ops", "attr", ("P2PCommunicator._communicate",), (16, 355),
          "megatron's _p2p_ops (even/odd ordering, two communicators for a 2-rank PP group), as a list", "unchanged",
          "gloo runs batch_isend_irecv op by op and matches messages from one peer in order; with PP=2 both directions "

@@ -25,7 +25,8 @@ def _half_rotate(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor, sin: torch
     half = cos.shape[-1] // 2
     a1, a2, b1, b2 = a[..., :half], a[..., half:], b[..., :half], b[..., half:]
     c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
-    out = torch.empty(torch.broadcast_shapes(a.shape, cos.shape), dtype=a.dtype, device=a.device)
+    # cos/sin broadcast to ``a`` without enlarging it (checked by ops.rotary_pos_emb)
+    out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     o1, o2 = out[..., :half], out[..., half:]
     torch.mul(a1, c1, out=o1).addcmul_(b2, s1, value=-sign)
     torch.mul(a2, c2, out=o2).addcmul_(b1, s2, value=sign)
