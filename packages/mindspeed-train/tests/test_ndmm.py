@@ -81,10 +81,4 @@ def test_ndmm_with_data_and_context_parallel_matches_one_process(root):
 )  # fmt: skip
 def test_unsupported_ndmm_launches_are_clear_errors(tmp_path, monkeypatch, model, extra, message):
     """Refused while the launch is validated, before any process group is made."""
-    from mindspeed_train import launch
-
-    root = str(tmp_path)
-    th.prepare(root)
-    monkeypatch.setattr(launch, "_world_size", lambda: 2)  # (another test may have left a 1-rank group)
-    with pytest.raises(ValueError, match=message):
-        launch.build_config(th.flags(root, os.path.join(root, "x"), model=model, extra=extra))
+    th.assert_launch_refused(str(tmp_path), monkeypatch, model, extra, message)

@@ -65,3 +65,12 @@ def test_set_step_tensor_layouts():
     param = torch.zeros(2)
     assert optim.set_step_tensor(5, param, fused=True).device == param.device
     assert optim.set_step_tensor(torch.tensor(5.0), param, fused=False).device.type == "cpu"
+
+
+def test_fused_only_where_torch_ships_the_kernel():
+    # PrivateUse1 (the NPU) is in torch's list, but its kernel is its backend's business
+    assert "cpu" in optim._fused_devices() and set(optim._fused_devices()) <= {"cpu", "cuda"}
+    param = torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2)), param])
+    optim._use_fused_kernel(opt)  # a non-float parameter in the group: left unfused
+    assert not opt.param_groups[0].get("fused")

@@ -219,3 +219,16 @@ def assert_resumes_at_tp1(root: str, ck: str, run: list[dict]) -> None:
     for got, want in zip(resumed, run[2:], strict=True):
         assert abs(got["loss"] - want["loss"]) <= LOSS_TOL, (got, want)
         assert abs(got["grad_norm"] - want["grad_norm"]) <= NORM_TOL, (got, want)
+
+
+def assert_launch_refused(root: str, monkeypatch, model: str, extra: tuple[str, ...], message: str) -> None:
+    """``mindspeed train`` with ``extra`` on a two-rank launch raises ``ValueError(message)`` while the
+    launch is validated (before any process group is made)."""
+    import pytest
+
+    from mindspeed_train import launch
+
+    prepare(root)
+    monkeypatch.setattr(launch, "_world_size", lambda: 2)  # (another test may have left a 1-rank group)
+    with pytest.raises(ValueError, match=message):
+        launch.build_config(flags(root, os.path.join(root, "x"), model=model, extra=extra))

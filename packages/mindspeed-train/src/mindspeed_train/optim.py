@@ -1,9 +1,10 @@
 """megatron-core's optimizer (Adam, optionally the distributed optimizer) and LR/WD schedule.
 
 Weight decay follows megatron's default grouping: biases and 1-D parameters (norm weights) get none.
-The update runs as one fused kernel per tensor group where torch has one for the device (CPU, CUDA,
-the NPU's PrivateUse1): without apex/TransformerEngine megatron falls back to torch's AdamW, whose
-default on CPU is a per-tensor loop of ~10 elementwise passes (about 4x slower for a small model).
+The update runs as torch's fused AdamW kernel on CPU and CUDA: without apex/TransformerEngine megatron
+falls back to torch's AdamW, whose default on CPU is a per-tensor loop of ~10 elementwise passes (about
+4x slower for a small model). Other devices keep torch's default: torch lists PrivateUse1 (the NPU)
+among the fused-kernel devices, but whether the kernel exists there is up to its backend.
 The schedule counts in samples, as megatron's training loop does with ``--train-iters``: every
 length is iterations x global batch and each step advances it by one global batch, so checkpoints
 carry the same scheduler state megatron writes.
@@ -45,12 +46,15 @@ def inner_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     return [part.optimizer for part in getattr(optimizer, "chained_optimizers", [optimizer])]
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch itself ships _fused_adamw_ (cpu since torch 2.4)
+
+
 def _fused_devices() -> tuple[str, ...]:
-    try:  # torch's own list of devices with fused optimizer kernels (cpu since torch 2.4)
+    try:  # torch's own list of devices with fused optimizer kernels
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
     except ImportError:
         return ()
-    return tuple(_get_fused_kernels_supported_devices())
+    return tuple(d for d in _get_fused_kernels_supported_devices() if d in FUSED_ADAMW_DEVICES)
 
 
 def _use_fused_kernel(inner: torch.optim.Optimizer) -> None:
