@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from mindspeed_train.config import CheckpointSettings
+from mindspeed_train.optim import inner_optimizers, set_step_tensor
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # megatron-core 0.16's default layout for the distributed optimizer's state: one ShardedTensor per
@@ -91,8 +92,7 @@ def _init_adam_state(optimizer) -> None:
     Without Apex/TransformerEngine, megatron's DistributedOptimizer.state_dict() reads each state's
     ``step``, which torch creates only at the first step; a fresh job resuming would fail there.
     The zeros are placeholders: loading overwrites them in place. Parameters are not touched."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = part.optimizer
+    for inner in inner_optimizers(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:
                 if not inner.state[param]:
@@ -102,8 +102,8 @@ def _init_adam_state(optimizer) -> None:
 
 def _adam_step(optimizer) -> float | None:
     """The step count of the torch Adam(s) inside ``optimizer`` (None before the first step)."""
-    steps = {float(state["step"]) for part in getattr(optimizer, "chained_optimizers", [optimizer])
-             for state in part.optimizer.state.values() if "step" in state}  # fmt: skip
+    steps = {float(state["step"]) for inner in inner_optimizers(optimizer)
+             for state in inner.state.values() if "step" in state}  # fmt: skip
     if len(steps) > 1:
         raise RuntimeError(f"optimizer states disagree on the step count: {sorted(steps)}")
     return steps.pop() if steps else None
@@ -113,8 +113,6 @@ def _set_adam_step(optimizer, step: float) -> None:
     # megatron's sharded optimizer state keeps Adam's per-parameter ``step`` as a plain value of the
     # load template (not a sharded tensor), so the loaded states carry the template's placeholder;
     # the step saved in the common state is put back here.
-    from mindspeed_train.optim import inner_optimizers, set_step_tensor
-
     for inner in inner_optimizers(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from mindspeed_train.config import CheckpointSettings
+from mindspeed_train.optim import inner_optimizers
 
 FILE = "model_optim_rng.pt"
 DISTRIB_OPTIM = "distrib_optim.pt"
@@ -232,7 +233,7 @@ def _steps_set_aside(optimizer):
     ``step`` would be a KeyError. The step itself comes from ``optimizer.load_state_dict`` before, as
     one tensor shared by every parameter: each gets its own copy back, or torch's foreach Adam would
     add 1 to the shared tensor once per parameter."""
-    parts = [part.optimizer for part in getattr(optimizer, "chained_optimizers", [optimizer])]
+    parts = inner_optimizers(optimizer)
     steps = [{param: state.pop("step") for param, state in inner.state.items() if "step" in state} for inner in parts]
     try:
         yield
