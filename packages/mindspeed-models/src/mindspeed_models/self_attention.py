@@ -60,7 +60,8 @@ class KernelRopeSelfAttention(SelfAttention):
         if self._kernel_rope is None:
             return out
         q_angles, k_angles, starts = self._kernel_rope
-        query, key = _rotate(out[0], q_angles, starts), _rotate(out[1], k_angles, starts)
+        query = ops.rotary_pos_emb(out[0], *_tables(q_angles, out[0].shape[0], starts))
+        key = ops.rotary_pos_emb(out[1], *_tables(k_angles, out[1].shape[0], starts))
         return (query, key, *out[2:])
 
 
@@ -72,14 +73,31 @@ def _thd_starts(packed_seq_params) -> torch.Tensor | None:
     return packed_seq_params.cu_seqlens_q if padded is None else padded
 
 
-def _rotate(x: torch.Tensor, angles: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:
-    """``x`` [S, B, N, D] rotated by ``angles`` [>= S, 1, 1, R] (row s at position s, or per packed sequence)."""
-    seq = x.shape[0]
+def _tables(angles: torch.Tensor, seq: int, starts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [S, 1, 1, R] for ``seq`` rows of ``angles`` [>= S, 1, 1, R] (row s at position s, or per packed
+    sequence)."""
     if starts is None:
-        angles = angles[:seq]
-    else:
-        starts = starts.to(angles.device).long()
-        lengths = starts[1:] - starts[:-1]
-        positions = torch.arange(seq, device=angles.device) - torch.repeat_interleave(starts[:-1], lengths)[:seq]
-        angles = angles[positions]
-    return ops.rotary_pos_emb(x, torch.cos(angles), torch.sin(angles))
+        return _cos_sin(angles, seq)
+    starts = starts.to(angles.device).long()
+    lengths = starts[1:] - starts[:-1]
+    positions = torch.arange(seq, device=angles.device) - torch.repeat_interleave(starts[:-1], lengths)[:seq]
+    angles = angles[positions]
+    return torch.cos(angles), torch.sin(angles)
+
+
+# (angles, rows, inference mode, cos, sin) of the last unpacked call. GPTModel computes the angles once
+# per forward and hands the same tensor to every layer (q and k alike; megatron's RotaryEmbedding also
+# returns it from an lru_cache across steps): cos/sin are computed once per forward instead of twice per
+# layer (small ops whose Python cost shows on CPU). The strong reference makes the identity test safe.
+_last_cos_sin: list[tuple] = []
+
+
+def _cos_sin(angles: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``angles[:seq]`` (constant angles: reused while the same tensor comes back)."""
+    if angles.requires_grad:  # learnt angles: autograd must see the cos/sin of this call
+        return torch.cos(angles[:seq]), torch.sin(angles[:seq])
+    # inference-mode tensors cannot be saved for a later training backward: the mode is part of the key
+    key = (seq, torch.is_inference_mode_enabled())
+    if not _last_cos_sin or _last_cos_sin[0][0] is not angles or _last_cos_sin[0][1:3] != key:
+        _last_cos_sin[:] = [(angles, *key, torch.cos(angles[:seq]), torch.sin(angles[:seq]))]
+    return _last_cos_sin[0][3:]

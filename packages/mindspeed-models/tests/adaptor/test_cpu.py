@@ -4,8 +4,10 @@ megatron's own RNG tracker on CPU is checked in test_tensor_parallel.py)."""
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import numpy as np
+import pytest
 import torch
 
 from mindspeed_models.adaptor import cpu
@@ -116,3 +118,20 @@ def test_te_general_gemm_is_none_only_when_unbound():
     factory = cpu.REPLACEMENTS[("transformer.moe.moe_utils", "te_general_gemm")]
     assert factory(cpu.MISSING) is None
     assert factory(len) is len
+
+
+def test_tp_region_is_the_input_itself_for_a_one_rank_group_only():
+    calls = []
+
+    def megatron_region(input_, group=None):  # stands in for megatron's autograd-function wrapper
+        calls.append(group)
+        return input_.view_as(input_)
+
+    region = cpu._one_rank_region_factory(megatron_region)
+    x = torch.randn(3, 2, requires_grad=True)
+    one, two = types.SimpleNamespace(size=lambda: 1), types.SimpleNamespace(size=lambda: 2)
+    assert region(x, one) is x and calls == []
+    assert region(x, two) is not x and region(x) is not x and calls == [two, None]
+    assert region.__wrapped__ is megatron_region
+    with pytest.raises(cpu.SeamDrift, match="seams.py"):
+        cpu._one_rank_region_factory(cpu.MISSING)

@@ -23,7 +23,7 @@ import types
 
 import torch
 
-from mindspeed_models.adaptor.patching import MISSING
+from mindspeed_models.adaptor.patching import MISSING, SeamDrift
 
 
 class NullEvent:
@@ -224,6 +224,24 @@ def wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main_
 WGRAD_ACCUMULATION = types.SimpleNamespace(wgrad_gemm_accum_fp32=wgrad_gemm_accum, wgrad_gemm_accum_fp16=wgrad_gemm_accum)
 
 
+def _one_rank_region_factory(original):
+    """megatron's ``copy_to_`` / ``reduce_from_tensor_model_parallel_region`` that return the input
+    itself for a one-rank TP group, where megatron's autograd function is an identity both ways
+    (its forward returns the input, its backward all-reduce is skipped for one rank); any other
+    group (or ``group=None``, megatron's default group) goes to megatron's function."""
+    if original is MISSING:
+        raise SeamDrift("megatron.core.tensor_parallel.layers no longer binds its TP region functions; "
+                        "update mindspeed_models/adaptor/seams.py")
+
+    def region(input_, group=None):
+        if group is not None and group.size() == 1:
+            return input_
+        return original(input_, group)
+
+    region.__wrapped__ = original
+    return region
+
+
 def copy_config(config, **changes):
     """A shallow copy of a (dataclass) config with ``changes``, without re-running validation."""
     out = copy.copy(config)
@@ -248,6 +266,8 @@ REPLACEMENTS = {
     **SHARED_REPLACEMENTS,
     ("tensor_parallel.random", "_lazy_call"): lambda original: lazy_call,
     ("pipeline_parallel.p2p_communication", "_batched_p2p_ops"): _ordered_p2p_factory,
+    ("tensor_parallel.layers", "copy_to_tensor_model_parallel_region"): _one_rank_region_factory,
+    ("tensor_parallel.layers", "reduce_from_tensor_model_parallel_region"): _one_rank_region_factory,
 }
 # log-seam key -> message to drop: on CPU the "CUDA" generator is the CPU one, so the check in
 # CudaRNGStatesTracker.fork() that the CPU state did not move fires on every forked draw.

@@ -182,6 +182,15 @@ SEAMS: tuple[Seam, ...] = (
          ("ColumnParallelLinear.__init__", "RowParallelLinear.__init__"), (44, 924),
          "True (the stand-in above)", "same as cpu",
          "the linears refuse gradient_accumulation_fusion=True when apex's extension did not import"),
+    Seam("tensor_parallel.layers", "copy_to_tensor_model_parallel_region", "attr", ("ColumnParallelLinear.forward",),
+         (1001,), "the input itself when the TP group has one rank, else megatron's", "unchanged",
+         "at TP=1 the region is an identity autograd function in both directions; on CPU, where ops run as they are "
+         "issued, its Python cost (a node per column-parallel linear, forward and backward) is on the critical path",
+         devices=("cpu",)),
+    Seam("tensor_parallel.layers", "reduce_from_tensor_model_parallel_region", "attr",
+         ("VocabParallelEmbedding.forward", "RowParallelLinear.forward"), (300, 1294),
+         "the input itself when the TP group has one rank, else megatron's", "unchanged",
+         "the same identity at TP=1 after every row-parallel linear and the embedding", devices=("cpu",)),
     Seam("pipeline_parallel.p2p_communication", "_batched_p2p_ops", "attr", ("P2PCommunicator._communicate",), (16, 355),
          "megatron's _p2p_ops (even/odd ordering, two communicators for a 2-rank PP group), as a list", "unchanged",
          "gloo runs batch_isend_irecv op by op and matches messages from one peer in order; with PP=2 both directions "
