@@ -13,7 +13,9 @@ exactly those rows and nothing else:
 - ``device="cuda"`` literals, ``tensor.type()`` strings and ``.cuda()`` are rewritten in the code
   objects of the listed functions (same bytecode, no runtime cost);
 - a few functions/class attributes are replaced (`cpu.REPLACEMENTS`, `npu.REPLACEMENTS`), and on
-  CPU one expected megatron warning is filtered (`cpu.LOG_FILTERS`).
+  CPU one expected megatron warning is filtered (`cpu.LOG_FILTERS`). One CPU row is for speed, not
+  correctness: megatron's TP-region functions return their input for a one-rank TP group instead
+  of building an identity autograd node (on CPU its Python cost is on the critical path).
 
 This is targeted on purpose: a global catch-all (a ``TorchFunctionMode`` rewriting every
 ``cuda`` device, or patching ``torch.cuda.*`` process-wide) was ~1.5-2x slower on small models,
