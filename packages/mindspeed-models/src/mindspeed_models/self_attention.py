@@ -60,9 +60,10 @@ class KernelRopeSelfAttention(SelfAttention):
         if self._kernel_rope is None:
             return out
         q_angles, k_angles, starts = self._kernel_rope
-        query = ops.rotary_pos_emb(out[0], *_tables(q_angles, out[0].shape[0], starts))
-        key = ops.rotary_pos_emb(out[1], *_tables(k_angles, out[1].shape[0], starts))
-        return (query, key, *out[2:])
+        q_tables = _tables(q_angles, out[0].shape[0], starts)
+        shared = k_angles is q_angles and out[1].shape[0] == out[0].shape[0]  # the usual case: one table for both
+        k_tables = q_tables if shared else _tables(k_angles, out[1].shape[0], starts)
+        return (ops.rotary_pos_emb(out[0], *q_tables), ops.rotary_pos_emb(out[1], *k_tables), *out[2:])
 
 
 def _thd_starts(packed_seq_params) -> torch.Tensor | None:
@@ -94,10 +95,11 @@ _last_cos_sin: list[tuple] = []
 
 def _cos_sin(angles: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of ``angles[:seq]`` (constant angles: reused while the same tensor comes back)."""
-    if angles.requires_grad:  # learnt angles: autograd must see the cos/sin of this call
-        return torch.cos(angles[:seq]), torch.sin(angles[:seq])
     # inference-mode tensors cannot be saved for a later training backward: the mode is part of the key
     key = (seq, torch.is_inference_mode_enabled())
-    if not _last_cos_sin or _last_cos_sin[0][0] is not angles or _last_cos_sin[0][1:3] != key:
-        _last_cos_sin[:] = [(angles, *key, torch.cos(angles[:seq]), torch.sin(angles[:seq]))]
-    return _last_cos_sin[0][3:]
+    if not angles.requires_grad and _last_cos_sin and _last_cos_sin[0][0] is angles and _last_cos_sin[0][1:3] == key:
+        return _last_cos_sin[0][3:]
+    tables = torch.cos(angles[:seq]), torch.sin(angles[:seq])
+    if not angles.requires_grad:  # learnt angles: autograd must see the cos/sin of every call
+        _last_cos_sin[:] = [(angles, *key, *tables)]
+    return tables
