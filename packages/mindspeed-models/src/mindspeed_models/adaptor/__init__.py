@@ -13,9 +13,12 @@ exactly those rows and nothing else:
 - ``device="cuda"`` literals, ``tensor.type()`` strings and ``.cuda()`` are rewritten in the code
   objects of the listed functions (same bytecode, no runtime cost);
 - a few functions/class attributes are replaced (`cpu.REPLACEMENTS`, `npu.REPLACEMENTS`), and on
-  CPU one expected megatron warning is filtered (`cpu.LOG_FILTERS`). One CPU row is for speed, not
-  correctness: megatron's TP-region functions return their input for a one-rank TP group instead
-  of building an identity autograd node (on CPU its Python cost is on the critical path).
+  CPU one expected megatron warning is filtered (`cpu.LOG_FILTERS`). Some rows are for speed, not
+  correctness. On CPU, for a one-rank TP group: megatron's TP-region functions return their input
+  instead of building an identity autograd node, and the vocab-parallel cross-entropy skips its
+  three identity all-reduces (their Python and gloo round trips are on the critical path). On CPU
+  and NPU, where apex/TE are absent: megatron's Python-loop stand-ins for apex's multi-tensor L2
+  norm and scale (grad norm, clipping, main-to-model copies) become torch's ``_foreach`` ops.
 
 This is targeted on purpose: a global catch-all (a ``TorchFunctionMode`` rewriting every
 ``cuda`` device, or patching ``torch.cuda.*`` process-wide) was ~1.5-2x slower on small models,

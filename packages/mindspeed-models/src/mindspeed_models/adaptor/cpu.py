@@ -224,6 +224,47 @@ def wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main_
 WGRAD_ACCUMULATION = types.SimpleNamespace(wgrad_gemm_accum_fp32=wgrad_gemm_accum, wgrad_gemm_accum_fp16=wgrad_gemm_accum)
 
 
+def foreach_l2norm(chunk_size, noop_flag, tensor_lists, per_tensor=False, *args):
+    """apex's ``amp_C.multi_tensor_l2norm`` contract as megatron calls it: ``(total, per_tensor_norms)``,
+    ``total`` the L2 norm over all tensors of ``tensor_lists[0]`` as a float32 [1] tensor. torch's
+    ``_foreach_norm`` computes each tensor's norm as ``torch.norm`` does (megatron's fallback loops
+    over them in Python and round-trips the norms through host floats)."""
+    del chunk_size, noop_flag, args
+    tensors = tensor_lists[0]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32), None
+    norms = torch.stack([norm.float() for norm in torch._foreach_norm(tensors)])
+    return torch.linalg.vector_norm(norms).reshape(1), (norms if per_tensor else None)
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale, *args):
+    """apex's ``amp_C.multi_tensor_scale`` contract: ``dst = src * scale`` over ``tensor_lists = [src, dst]``
+    (a copy with dtype conversion when ``scale`` is 1), in torch's ``_foreach`` ops."""
+    del chunk_size, noop_flag, args
+    src, dst = tensor_lists[0], tensor_lists[1]
+    if scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    elif all(a is b for a, b in zip(src, dst, strict=True)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def _local_fallback_factory(replacement, local_name: str):
+    """Replace megatron's no-apex stand-in ``megatron.core.utils.<local_name>`` with ``replacement``;
+    keep apex's / TE's kernel where one was bound instead."""
+
+    def factory(original):
+        import megatron.core.utils as mcore_utils
+
+        if original is MISSING:
+            raise SeamDrift(f"megatron no longer binds the multi-tensor kernel that falls back to {local_name}; "
+                            "update mindspeed_models/adaptor/seams.py")
+        return replacement if original is getattr(mcore_utils, local_name, None) else original
+
+    return factory
+
+
 def _one_rank_region_factory(original):
     """megatron's ``copy_to_`` / ``reduce_from_tensor_model_parallel_region`` that return the input
     itself for a one-rank TP group, where megatron's autograd function is an identity both ways
@@ -240,6 +281,36 @@ def _one_rank_region_factory(original):
 
     region.__wrapped__ = original
     return region
+
+
+def _one_rank_cross_entropy_factory(original):
+    """megatron's ``_VocabParallelCrossEntropy`` whose forward, for a one-rank TP group without
+    label smoothing, runs megatron's own steps (``VocabParallelCrossEntropy``'s static methods over
+    the whole vocabulary) without the three all-reduces, which are identities on one rank; any
+    other case is megatron's forward. The backward is megatron's (it never communicates)."""
+    if original is MISSING:
+        raise SeamDrift("megatron.core.tensor_parallel.cross_entropy no longer binds _VocabParallelCrossEntropy; "
+                        "update mindspeed_models/adaptor/seams.py")
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as steps
+
+    class OneRankVocabParallelCrossEntropy(original):
+        @staticmethod
+        def forward(ctx, vocab_parallel_logits, target, label_smoothing=0.0):
+            if label_smoothing > 0 or parallel_state.get_tensor_model_parallel_world_size() != 1:
+                return original.forward(ctx, vocab_parallel_logits, target, label_smoothing)
+            logits, logits_max = steps.calculate_logits_max(vocab_parallel_logits)
+            vocab = logits.size(-1)
+            mask, masked_target_1d, predicted, sum_exp, exp_logits = steps.calculate_predicted_logits(
+                logits, target, logits_max, 0, vocab
+            )
+            softmax, loss = steps.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
+            ctx.label_smoothing, ctx.vocab_size = label_smoothing, vocab
+            ctx.save_for_backward(softmax, mask, masked_target_1d)
+            return loss
+
+    OneRankVocabParallelCrossEntropy.__wrapped__ = original
+    return OneRankVocabParallelCrossEntropy
 
 
 def copy_config(config, **changes):
@@ -261,6 +332,9 @@ SHARED_REPLACEMENTS = {
     ("tensor_parallel.layers", "fused_weight_gradient_mlp_cuda"):
         lambda original: WGRAD_ACCUMULATION if original is MISSING else original,
     ("tensor_parallel.layers", "_grad_accum_fusion_available"): lambda original: True,
+    ("optimizer.clip_grads", "l2_norm_impl"): _local_fallback_factory(foreach_l2norm, "local_multi_tensor_l2_norm"),
+    ("optimizer.clip_grads", "multi_tensor_scale_impl"): _local_fallback_factory(foreach_scale, "local_multi_tensor_scale"),
+    ("optimizer.optimizer", "multi_tensor_scale_impl"): _local_fallback_factory(foreach_scale, "local_multi_tensor_scale"),
 }
 REPLACEMENTS = {
     **SHARED_REPLACEMENTS,
@@ -268,6 +342,7 @@ REPLACEMENTS = {
     ("pipeline_parallel.p2p_communication", "_batched_p2p_ops"): _ordered_p2p_factory,
     ("tensor_parallel.layers", "copy_to_tensor_model_parallel_region"): _one_rank_region_factory,
     ("tensor_parallel.layers", "reduce_from_tensor_model_parallel_region"): _one_rank_region_factory,
+    ("tensor_parallel.cross_entropy", "_VocabParallelCrossEntropy"): _one_rank_cross_entropy_factory,
 }
 # log-seam key -> message to drop: on CPU the "CUDA" generator is the CPU one, so the check in
 # CudaRNGStatesTracker.fork() that the CPU state did not move fires on every forked draw.

@@ -182,6 +182,16 @@ SEAMS: tuple[Seam, ...] = (
          ("ColumnParallelLinear.__init__", "RowParallelLinear.__init__"), (44, 924),
          "True (the stand-in above)", "same as cpu",
          "the linears refuse gradient_accumulation_fusion=True when apex's extension did not import"),
+    Seam("optimizer.clip_grads", "l2_norm_impl", "attr", ("get_grad_norm_fp32",), (42, 109),
+         "cpu.foreach_l2norm (torch._foreach_norm) in place of megatron's no-apex fallback", "same as cpu",
+         "without apex/TE megatron's fallback takes each gradient's norm in a Python loop and copies the norms "
+         "through host floats, every step"),
+    Seam("optimizer.clip_grads", "multi_tensor_scale_impl", "attr", ("clip_grad_by_total_norm_fp32",), (43, 176),
+         "cpu.foreach_scale (torch._foreach_mul_) in place of megatron's no-apex fallback", "same as cpu",
+         "without apex/TE megatron's fallback clips gradient by gradient in Python (a product and a copy each)"),
+    Seam("optimizer.optimizer", "multi_tensor_scale_impl", "attr", ("_multi_tensor_copy_this_to_that",), (37, 90),
+         "cpu.foreach_scale (torch._foreach_copy_) in place of megatron's no-apex fallback", "same as cpu",
+         "the same Python loop for the main-to-model parameter copies of half-precision training"),
     Seam("tensor_parallel.layers", "copy_to_tensor_model_parallel_region", "attr", ("ColumnParallelLinear.forward",),
          (1001,), "the input itself when the TP group has one rank, else megatron's", "unchanged",
          "at TP=1 the region is an identity autograd function in both directions; on CPU, where ops run as they are "
@@ -191,6 +201,12 @@ SEAMS: tuple[Seam, ...] = (
          ("VocabParallelEmbedding.forward", "RowParallelLinear.forward"), (300, 1294),
          "the input itself when the TP group has one rank, else megatron's", "unchanged",
          "the same identity at TP=1 after every row-parallel linear and the embedding", devices=("cpu",)),
+    Seam("tensor_parallel.cross_entropy", "_VocabParallelCrossEntropy", "attr", ("vocab_parallel_cross_entropy",),
+         (122, 232), "for a one-rank TP group without label smoothing, megatron's steps without the all-reduces; "
+         "else megatron's", "unchanged",
+         "at TP=1 the loss's three all-reduces (max, target logit, sum of exp) are identities; on gloo each is a "
+         "round trip through the communication thread on the critical path of every microbatch",
+         devices=("cpu",)),
     Seam("pipeline_parallel.p2p_communication", "_batched_p2p_ops", "attr", ("P2PCommunicator._communicate",), (16, 355),
          "megatron's _p2p_ops (even/odd ordering, two communicators for a 2-rank PP group), as a list", "unchanged",
          "gloo runs batch_isend_irecv op by op and matches messages from one peer in order; with PP=2 both directions "
