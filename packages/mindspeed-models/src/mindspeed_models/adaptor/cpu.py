@@ -224,6 +224,12 @@ def wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main_
 WGRAD_ACCUMULATION = types.SimpleNamespace(wgrad_gemm_accum_fp32=wgrad_gemm_accum, wgrad_gemm_accum_fp16=wgrad_gemm_accum)
 
 
+def _require_bound(original, what: str) -> None:
+    """SeamDrift when megatron no longer binds ``what`` (the row's original is MISSING)."""
+    if original is MISSING:
+        raise SeamDrift(f"megatron-core no longer binds {what}; update mindspeed_models/adaptor/seams.py")
+
+
 def foreach_l2norm(chunk_size, noop_flag, tensor_lists, per_tensor=False, *args):
     """apex's ``amp_C.multi_tensor_l2norm`` contract as megatron calls it: ``(total, per_tensor_norms)``,
     ``total`` the L2 norm over all tensors of ``tensor_lists[0]`` as a float32 [1] tensor. torch's
@@ -257,9 +263,7 @@ def _local_fallback_factory(replacement, local_name: str):
     def factory(original):
         import megatron.core.utils as mcore_utils
 
-        if original is MISSING:
-            raise SeamDrift(f"megatron no longer binds the multi-tensor kernel that falls back to {local_name}; "
-                            "update mindspeed_models/adaptor/seams.py")
+        _require_bound(original, f"the multi-tensor kernel that falls back to {local_name}")
         return replacement if original is getattr(mcore_utils, local_name, None) else original
 
     return factory
@@ -270,9 +274,7 @@ def _one_rank_region_factory(original):
     itself for a one-rank TP group, where megatron's autograd function is an identity both ways
     (its forward returns the input, its backward all-reduce is skipped for one rank); any other
     group (or ``group=None``, megatron's default group) goes to megatron's function."""
-    if original is MISSING:
-        raise SeamDrift("megatron.core.tensor_parallel.layers no longer binds its TP region functions; "
-                        "update mindspeed_models/adaptor/seams.py")
+    _require_bound(original, "tensor_parallel.layers' TP region functions")
 
     def region(input_, group=None):
         if group is not None and group.size() == 1:
@@ -288,9 +290,7 @@ def _one_rank_cross_entropy_factory(original):
     label smoothing, runs megatron's own steps (``VocabParallelCrossEntropy``'s static methods over
     the whole vocabulary) without the three all-reduces, which are identities on one rank; any
     other case is megatron's forward. The backward is megatron's (it never communicates)."""
-    if original is MISSING:
-        raise SeamDrift("megatron.core.tensor_parallel.cross_entropy no longer binds _VocabParallelCrossEntropy; "
-                        "update mindspeed_models/adaptor/seams.py")
+    _require_bound(original, "tensor_parallel.cross_entropy._VocabParallelCrossEntropy")
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as steps
 
