@@ -27,7 +27,10 @@ machine hits both; the first ``--warmup`` steps of each side are not timed. Toke
 global batch x seq / the median (and / the best) of its timed step times (``time.perf_counter``
 between device synchronisations). Ratio = ours / hf (> 1: ours is faster). The median CPU time of
 the process per step is printed too: with ``--threads 1`` on a shared CPU it is the steadiest of the
-three (waiting for a core does not count). No timed assertion: the script prints.
+three (waiting for a core does not count). So is the median number of minor page faults per step: on
+CPU, glibc hands freed activation memory back to the OS and the next step faults it in again, which
+costs each side kernel time according to its own allocation pattern (the two sides share one process
+and one allocator). No timed assertion: the script prints.
 
     python tools/bench/train.py                          # llama, hidden 256, 4 layers, seq 256, micro 4
     python tools/bench/train.py --threads 1 --steps 24    # on a shared CPU: the steadiest numbers
@@ -195,22 +198,33 @@ def one_step(side: str, job, hf_model, hf_opt, group: list[dict], clip_grad: flo
     return hf_step(hf_model, hf_opt, group, clip_grad)
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the platform has no getrusage): memory the
+    allocator gave back to the OS and then touched again, which a step pays for in kernel time."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def run_sides(job, hf_model, hf_opt, batches: list[dict], a: argparse.Namespace, s: dict) -> dict:
     """Interleave ``chunk`` steps of each side (alternating which goes first) until both ran
     ``warmup + steps``; per-step seconds and losses of each side."""
     from mindspeed_kernels import accelerator
 
     accum, total = a.accum, s["warmup"] + s["steps"]
-    out = {side: {"times_s": [], "cpu_s": [], "losses": []} for side in ("ours", "hf")}
+    out = {side: {"times_s": [], "cpu_s": [], "faults": [], "losses": []} for side in ("ours", "hf")}
     for first in range(0, total, s["chunk"]):
         for side in ("ours", "hf") if (first // s["chunk"]) % 2 == 0 else ("hf", "ours"):
             for i in range(first, min(first + s["chunk"], total)):
                 accelerator.synchronize()
-                start, cpu_start = time.perf_counter(), time.process_time()
+                start, cpu_start, faults_start = time.perf_counter(), time.process_time(), _minor_faults()
                 loss = one_step(side, job, hf_model, hf_opt, batches[i * accum:(i + 1) * accum], a.clip_grad)
                 accelerator.synchronize()
                 out[side]["times_s"].append(time.perf_counter() - start)
                 out[side]["cpu_s"].append(time.process_time() - cpu_start)
+                out[side]["faults"].append(_minor_faults() - faults_start)
                 out[side]["losses"].append(loss)
     return out
 
@@ -237,7 +251,8 @@ def summarise(out: dict, s: dict, a: argparse.Namespace) -> dict:
         timed = out[side]["times_s"][s["warmup"]:]
         median, best, cpu = statistics.median(timed), min(timed), statistics.median(out[side]["cpu_s"][s["warmup"]:])
         row[side] = {**out[side], "median_s": median, "best_s": best, "tokens_per_s": tokens / median,
-                     "tokens_per_s_best": tokens / best, "median_cpu_s": cpu}  # fmt: skip
+                     "tokens_per_s_best": tokens / best, "median_cpu_s": cpu,
+                     "median_faults": statistics.median(out[side]["faults"][s["warmup"]:])}  # fmt: skip
     row["ratio"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
     row["ratio_best"] = row["ours"]["tokens_per_s_best"] / row["hf"]["tokens_per_s_best"]
     # CPU seconds of this process: with --threads 1 on CPU, what a step costs whatever the neighbours do.
@@ -253,15 +268,16 @@ def print_report(row: dict, s: dict, a: argparse.Namespace, device: str) -> None
           f"seq {s['seq']} x micro {s['micro']} x accum {a.accum} = {row['tokens_per_step']} tokens/step, "
           f"{s['warmup']} warm-up + {s['steps']} timed steps per side, interleaved by {s['chunk']}; "
           f"AdamW: ours {row['adamw']['ours']}, hf {row['adamw']['hf']}; load average {os.getloadavg()[0]:.2f}")
-    head = ("side", "tokens/s (median)", "tokens/s (best)", "median step s", "best step s", "median CPU s", "loss first",
-            "loss last")
+    head = ("side", "tokens/s (median)", "tokens/s (best)", "median step s", "best step s", "median CPU s",
+            "page faults/step", "loss first", "loss last")
     lines = [head]
     for side in ("ours", "hf"):
         r = row[side]
         lines.append((side, f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s_best']:.0f}", f"{r['median_s']:.4f}",
-                      f"{r['best_s']:.4f}", f"{r['median_cpu_s']:.4f}", f"{r['losses'][0]:.5f}",
+                      f"{r['best_s']:.4f}", f"{r['median_cpu_s']:.4f}", f"{r['median_faults']:.0f}", f"{r['losses'][0]:.5f}",
                       f"{r['losses'][-1]:.5f}"))  # fmt: skip
-    lines.append(("ratio ours/hf", f"{row['ratio']:.3f}", f"{row['ratio_best']:.3f}", "", "", f"{row['ratio_cpu']:.3f}", "", ""))
+    lines.append(("ratio ours/hf", f"{row['ratio']:.3f}", f"{row['ratio_best']:.3f}", "", "", f"{row['ratio_cpu']:.3f}", "", "",
+                  ""))  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())

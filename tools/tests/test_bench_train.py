@@ -28,7 +28,8 @@ def test_quick_run_prints_a_ratio_and_equal_losses(tmp_path):
     row = json.loads(out.read_text())
     steps = train.QUICK["warmup"] + train.QUICK["steps"]
     for side in ("ours", "hf"):
-        assert len(row[side]["times_s"]) == len(row[side]["losses"]) == steps
+        assert len(row[side]["times_s"]) == len(row[side]["losses"]) == len(row[side]["faults"]) == steps
+        assert all(isinstance(n, int) and n >= 0 for n in row[side]["faults"])
         assert row[side]["tokens_per_s"] > 0 and all(math.isfinite(x) for x in row[side]["losses"])
     assert row["ratio"] > 0 and row["ratio_best"] > 0 and row["ratio_cpu"] > 0
     assert row["adamw"] == {"ours": "fused", "hf": "for-loop"}  # torch's CPU default for the baseline
@@ -47,13 +48,16 @@ def test_adamw_kind_names_torchs_choice():
 def test_summarise_ratios_skip_warmup():
     sizes = {"micro": 2, "seq": 8, "warmup": 1, "steps": 3}
     args = train.parse_args(["--accum", "2"])
-    out = {"ours": {"times_s": [9.0, 1.0, 2.0, 3.0], "cpu_s": [9.0, 1.0, 1.0, 1.0], "losses": [5.0, 4.0, 3.0, 2.0]},
-           "hf": {"times_s": [9.0, 2.0, 4.0, 6.0], "cpu_s": [1.0, 3.0, 3.0, 3.0], "losses": [5.0, 4.0, 3.5, 2.0]}}  # fmt: skip
+    out = {"ours": {"times_s": [9.0, 1.0, 2.0, 3.0], "cpu_s": [9.0, 1.0, 1.0, 1.0], "faults": [900, 0, 5, 7],
+                    "losses": [5.0, 4.0, 3.0, 2.0]},
+           "hf": {"times_s": [9.0, 2.0, 4.0, 6.0], "cpu_s": [1.0, 3.0, 3.0, 3.0], "faults": [0, 40, 10, 20],
+                  "losses": [5.0, 4.0, 3.5, 2.0]}}  # fmt: skip
     row = train.summarise(out, sizes, args)
     assert row["tokens_per_step"] == 32
     assert row["ours"]["median_s"] == 2.0 and row["hf"]["best_s"] == 2.0
     assert row["ours"]["tokens_per_s"] == 16.0 and row["ratio"] == 2.0 and row["ratio_best"] == 2.0
     assert row["ratio_cpu"] == 3.0  # the warm-up step's CPU time is left out too
+    assert row["ours"]["median_faults"] == 5 and row["hf"]["median_faults"] == 20  # and its page faults
     assert row["loss_max_abs_diff"] == 0.5
 
 
