@@ -55,6 +55,11 @@ import tempfile
 import time
 from pathlib import Path
 
+try:
+    import resource  # Unix only: the page-fault counts read 0 elsewhere
+except ImportError:
+    resource = None
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -201,11 +206,7 @@ def one_step(side: str, job, hf_model, hf_opt, group: list[dict], clip_grad: flo
 def _minor_faults() -> int:
     """Minor page faults of this process so far (0 where the platform has no getrusage): memory the
     allocator gave back to the OS and then touched again, which a step pays for in kernel time."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def run_sides(job, hf_model, hf_opt, batches: list[dict], a: argparse.Namespace, s: dict) -> dict:
@@ -219,7 +220,8 @@ def run_sides(job, hf_model, hf_opt, batches: list[dict], a: argparse.Namespace,
         for side in ("ours", "hf") if (first // s["chunk"]) % 2 == 0 else ("hf", "ours"):
             for i in range(first, min(first + s["chunk"], total)):
                 accelerator.synchronize()
-                start, cpu_start, faults_start = time.perf_counter(), time.process_time(), _minor_faults()
+                faults_start = _minor_faults()  # read before the clocks start: not part of the step
+                start, cpu_start = time.perf_counter(), time.process_time()
                 loss = one_step(side, job, hf_model, hf_opt, batches[i * accum:(i + 1) * accum], a.clip_grad)
                 accelerator.synchronize()
                 out[side]["times_s"].append(time.perf_counter() - start)
@@ -248,11 +250,11 @@ def summarise(out: dict, s: dict, a: argparse.Namespace) -> dict:
     tokens = s["micro"] * a.accum * s["seq"]
     row = {"tokens_per_step": tokens, "warmup": s["warmup"], "timed_steps": s["steps"]}
     for side in ("ours", "hf"):
-        timed = out[side]["times_s"][s["warmup"]:]
-        median, best, cpu = statistics.median(timed), min(timed), statistics.median(out[side]["cpu_s"][s["warmup"]:])
+        timed = {key: out[side][key][s["warmup"]:] for key in ("times_s", "cpu_s", "faults")}
+        median, best = statistics.median(timed["times_s"]), min(timed["times_s"])
         row[side] = {**out[side], "median_s": median, "best_s": best, "tokens_per_s": tokens / median,
-                     "tokens_per_s_best": tokens / best, "median_cpu_s": cpu,
-                     "median_faults": statistics.median(out[side]["faults"][s["warmup"]:])}  # fmt: skip
+                     "tokens_per_s_best": tokens / best, "median_cpu_s": statistics.median(timed["cpu_s"]),
+                     "median_faults": statistics.median(timed["faults"])}  # fmt: skip
     row["ratio"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
     row["ratio_best"] = row["ours"]["tokens_per_s_best"] / row["hf"]["tokens_per_s_best"]
     # CPU seconds of this process: with --threads 1 on CPU, what a step costs whatever the neighbours do.
