@@ -129,7 +129,7 @@ def test_activation_recompute_keeps_numbers_and_drops_the_activation():
     for flag in (False, True):
         torch.manual_seed(0)
         model = mm.build_model(mm.from_hf_config(cfg, recompute_activation_function=flag))
-        assert type(model.decoder.layers[0].mlp).__name__ == ("ActivationRecomputeMLP" if flag else "MLP")
+        assert type(model.decoder.layers[0].mlp).__name__ == ("ActivationRecomputeMLP" if flag else "SwiGLUMLP")
         ids = torch.randint(0, cfg["vocab_size"], (2, 12))
         positions = torch.arange(12).expand(2, 12)
         loss, held = _saved_bytes_after_forward(model, ids, positions)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mindspeed_kernels import accelerator, modules, ops
 
-__all__ = ["ActivationRecomputeMLP", "RMSNorm", "SwiGLU", "param_device"]
+__all__ = ["RMSNorm", "SwiGLU", "param_device"]
 
 
 def param_device(config: TransformerConfig) -> torch.device:
@@ -48,7 +47,9 @@ class RMSNorm(modules.RMSNorm):
 
 
 class SwiGLU(torch.nn.Module):
-    """MLP activation ``silu(gate) * up`` over fc1's output ``[..., 2F]`` = ``[gate | up]`` -> ``[..., F]``."""
+    """MLP activation ``silu(gate) * up`` over fc1's output ``[..., 2F]`` = ``[gate | up]`` -> ``[..., F]``
+    (``dim`` picks the axis holding the two halves: 0 for :class:`~mindspeed_models.mlp.SwiGLUMLP`'s
+    ``[2, ..., F]`` blocks, which gives ``[1, ..., F]``)."""
 
     def __init__(self, config: TransformerConfig, **kwargs) -> None:
         super().__init__()
@@ -57,32 +58,9 @@ class SwiGLU(torch.nn.Module):
         if config.activation_func_clamp_value is not None or config.glu_linear_offset != 0.0:
             raise ValueError("SwiGLU: activation_func_clamp_value / glu_linear_offset are not implemented; leave them unset")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.swiglu(x)
+    def forward(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return ops.swiglu(x, dim)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         """No parameters: nothing to checkpoint (megatron's MLP asks each child for its sharded state)."""
         return {}
-
-
-class ActivationRecomputeMLP(MLP):
-    """megatron's MLP whose activation output is not kept for the backward pass (MindSpeed's
-    ``recompute_activation_function``): ``linear_fc2`` saves its input, the ``[s, b, ffn/tp]``
-    activation; here that tensor's storage is released right after fc2's forward and recomputed
-    from fc1's output (which the activation's own backward keeps anyway) when fc2's backward needs
-    it, with megatron's ``CheckpointWithoutOutput``. Same parameters, numbers and checkpoints as MLP.
-    """
-
-    def forward(self, hidden_states, per_token_scale=None, **kwargs):
-        if per_token_scale is not None or not self.config.use_te_activation_func:
-            raise ValueError("ActivationRecomputeMLP: only the SwiGLU activation module path is supported")
-        from megatron.core.tensor_parallel import CheckpointWithoutOutput
-
-        intermediate, bias = self.linear_fc1(hidden_states)
-        if bias is not None:
-            intermediate = intermediate + bias
-        checkpoint = CheckpointWithoutOutput()
-        activated = checkpoint.checkpoint(self.activation_func, intermediate)
-        output, output_bias = self.linear_fc2(activated)
-        checkpoint.discard_output_and_register_recompute(output)
-        return output, output_bias

@@ -5,8 +5,9 @@ Parameter names are those of megatron's ``get_gpt_layer_local_spec`` (``input_la
 ``pre_mlp_layernorm``, ``mlp.linear_fc1``/``linear_fc2``), so checkpoints and name maps written for
 that spec apply unchanged. Replaced inside: q/k rotation (:class:`~mindspeed_models.self_attention.KernelRopeSelfAttention`),
 core attention (:class:`~mindspeed_models.attention.FlashAttention`),
-norms (:class:`~mindspeed_models.layers.RMSNorm`) and the MLP activation
-(:class:`~mindspeed_models.layers.SwiGLU`).
+norms (:class:`~mindspeed_models.layers.RMSNorm`), the MLP activation
+(:class:`~mindspeed_models.layers.SwiGLU`) and, for dense MLPs, fc1's output layout
+(:class:`~mindspeed_models.mlp.SwiGLUMLP`: [gate; up] as two contiguous blocks).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
@@ -42,8 +43,9 @@ from megatron.core.transformer.transformer_layer import (
 
 from mindspeed_models.architectures import Architecture
 from mindspeed_models.attention import FlashAttention
-from mindspeed_models.layers import ActivationRecomputeMLP, RMSNorm, SwiGLU
+from mindspeed_models.layers import RMSNorm, SwiGLU
 from mindspeed_models.mla import mla_layer_spec
+from mindspeed_models.mlp import ActivationRecomputeMLP, SwiGLUMLP
 from mindspeed_models.moe import DeepSeekRouter, DeepSeekRouting, GroupedSwiGLUExperts
 from mindspeed_models.self_attention import KernelRopeSelfAttention
 
@@ -60,9 +62,9 @@ def dense_layer_spec(config: TransformerConfig, *, qk_norm: bool, recompute_acti
     """A pre-norm GPT layer: RMSNorm -> causal self-attention -> RMSNorm -> SwiGLU MLP (config.ffn_hidden_size).
 
     ``qk_norm`` adds per-head RMSNorms on q and k (Qwen3), applied before RoPE. ``recompute_activation``:
-    the MLP is :class:`~mindspeed_models.layers.ActivationRecomputeMLP` (activation output recomputed).
+    the MLP is :class:`~mindspeed_models.mlp.ActivationRecomputeMLP` (activation output recomputed).
     """
-    module = ActivationRecomputeMLP if recompute_activation else MLP
+    module = ActivationRecomputeMLP if recompute_activation else SwiGLUMLP
     mlp = ModuleSpec(module=module, params={"ffn_hidden_size": config.ffn_hidden_size}, submodules=_swiglu_mlp())
     # As megatron's local spec: torch_dist checkpoints then match TransformerEngine models,
     # whose norms are fused into the following linear layers.
@@ -173,7 +175,7 @@ def layer_specs(
 
     ``options``: builder settings that are not TransformerConfig fields (``mla_moe``:
     ``deepseek_routing``, a :class:`~mindspeed_models.moe.DeepSeekRouting`; any kind:
-    ``recompute_activation``, dense MLPs as :class:`~mindspeed_models.layers.ActivationRecomputeMLP`).
+    ``recompute_activation``, dense MLPs as :class:`~mindspeed_models.mlp.ActivationRecomputeMLP`).
     """
     try:
         build = _BUILDERS[arch.layer_kind]
