@@ -58,6 +58,14 @@ def _inputs(dtype=torch.float32):
     return torch.randn(5, 3, HIDDEN, generator=gen).to(dtype), torch.randn(5, 3, HIDDEN, generator=gen).to(dtype)
 
 
+def _counting(fn, calls: list):
+    def counted(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return counted
+
+
 @pytest.mark.parametrize("cls", [SwiGLUMLP, ActivationRecomputeMLP])
 def test_output_and_gradients_equal_megatrons_mlp(cls, monkeypatch):
     calls = []
@@ -113,14 +121,6 @@ def test_frozen_weight_gets_no_gradient():
     _, gx_ref = _run(ref, x, w)
     assert ours.linear_fc1.weight.grad is None
     assert_close(gx, gx_ref)
-
-
-def _counting(fn, calls: list):
-    def counted(*args):
-        calls.append(1)
-        return fn(*args)
-
-    return counted
 
 
 @pytest.mark.parametrize("case", ["fc1 bias", "hooked fc1", "wrapped fc1 impl", "autocast"])

@@ -66,10 +66,11 @@ class _BlockedLinear(torch.autograd.Function):
 
 def _weight_grad(ctx, g: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """dW [2F, H] per half; under fusion accumulated into main_grad, returning what megatron's linear returns."""
+    rows = g.shape[-1]
     if not ctx.accumulate:
         grad_w = torch.empty(weight.shape, dtype=x2.dtype, device=x2.device)
-        torch.mm(g[0].t(), x2, out=grad_w[: g.shape[-1]])
-        torch.mm(g[1].t(), x2, out=grad_w[g.shape[-1] :])
+        torch.mm(g[0].t(), x2, out=grad_w[:rows])
+        torch.mm(g[1].t(), x2, out=grad_w[rows:])
         return grad_w
     weight.main_grad = ctx.main_grad
     kernels = megatron_layers.fused_weight_gradient_mlp_cuda  # looked up now: apex's, or the adaptor's stand-in
@@ -79,7 +80,6 @@ def _weight_grad(ctx, g: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -
         accumulate = kernels.wgrad_gemm_accum_fp16
     else:
         raise RuntimeError(f"SwiGLUMLP: gradient accumulation fusion does not support main_grad dtype {weight.main_grad.dtype}")
-    rows = g.shape[-1]
     accumulate(x2, g[0], weight.main_grad[:rows])
     accumulate(x2, g[1], weight.main_grad[rows:])
     if not hasattr(weight, "grad_added_to_main_grad"):
