@@ -60,19 +60,46 @@ def test_one_rank_cross_entropy_equals_torch_without_collectives(megatron, all_r
     torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-7)
 
 
-def test_one_rank_cross_entropy_is_bitwise_megatrons(megatron, all_reduces):
-    cross_entropy = megatron[0]
-    original = cross_entropy._VocabParallelCrossEntropy.__wrapped__
-    logits, target = _logits_and_target(seed=1)
-    grads, losses = [], []
-    for function in (cross_entropy._VocabParallelCrossEntropy, original):
+def _both(cross_entropy, logits, target, weights=None):
+    """(loss, logits grad) of the one-rank row and of megatron's own function, each on its own copy."""
+    out = []
+    for function in (cross_entropy._VocabParallelCrossEntropy, cross_entropy._VocabParallelCrossEntropy.__wrapped__):
         x = logits.clone().requires_grad_()
         loss = function.apply(x, target, 0.0)
-        loss.sum().backward()
-        losses.append(loss)
-        grads.append(x.grad)
-    assert len(all_reduces) == 3  # megatron's own: max, target logit, sum of exp
-    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+        (loss * (1.0 if weights is None else weights)).sum().backward()
+        out.append((loss, x.grad))
+    return out
+
+
+def test_one_rank_cross_entropy_equals_megatrons(megatron, all_reduces, monkeypatch):
+    # several log-softmax chunks (and a last, shorter one): 7 rows of 11 logits per chunk over 5 x 3 rows
+    monkeypatch.setattr(cpu, "_CE_CHUNK_ELEMENTS", 7 * 11)
+    logits, target = _logits_and_target(seed=1)
+    (ours, ours_grad), (megatrons, megatrons_grad) = _both(megatron[0], logits, target, torch.rand(5, 3))
+    assert len(all_reduces) == 3  # megatron's own only: max, target logit, sum of exp
+    torch.testing.assert_close(ours, megatrons, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours_grad, megatrons_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_one_rank_cross_entropy_out_of_range_targets_are_megatrons(megatron, all_reduces):
+    # megatron masks ids outside the rank's vocabulary: loss log-sum-exp(logits - max), no target gradient
+    logits, target = _logits_and_target(seed=3)
+    target[0, 1], target[4, 2] = 11, -1
+    (ours, ours_grad), (megatrons, megatrons_grad) = _both(megatron[0], logits, target)
+    shifted = logits - logits.amax(-1, keepdim=True)
+    torch.testing.assert_close(ours[0, 1], torch.logsumexp(shifted[0, 1], -1))
+    torch.testing.assert_close(ours, megatrons, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours_grad, megatrons_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_one_rank_cross_entropy_bf16_logits_stay_untouched(megatron, all_reduces):
+    logits, target = _logits_and_target(seed=4)
+    half = logits.bfloat16()
+    kept = half.clone()
+    loss = megatron[0].vocab_parallel_cross_entropy(half, target)
+    ref = F.cross_entropy(half.float().flatten(0, 1), target.flatten(), reduction="none").view(5, 3)
+    assert loss.dtype == torch.float32 and torch.equal(half, kept)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_label_smoothing_goes_to_megatrons_forward(megatron, all_reduces):

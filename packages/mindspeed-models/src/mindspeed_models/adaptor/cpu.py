@@ -285,28 +285,51 @@ def _one_rank_region_factory(original):
     return region
 
 
+# rows of logits per torch.log_softmax call: ~1 MiB of float32 (the chunk stays in cache between the
+# kernel and the copy back), at most _CE_MAX_CHUNKS calls whatever the vocabulary.
+_CE_CHUNK_ELEMENTS = 1 << 18
+_CE_MAX_CHUNKS = 64
+
+
+def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` (contiguous, floating) overwritten with their log-softmax over the last dim, returned.
+
+    torch's fused kernel over chunks of rows: one read of each row in cache, where megatron's steps
+    (max, subtract, exp, sum, divide) make five passes over the whole [S, B, V] tensor; in place, as
+    megatron's steps are, so no second logits-sized tensor is alive."""
+    rows = logits.view(-1, logits.size(-1))
+    step = max(-(-rows.size(0) // _CE_MAX_CHUNKS), _CE_CHUNK_ELEMENTS // max(rows.size(1), 1), 1)
+    for start in range(0, rows.size(0), step):
+        chunk = rows[start : start + step]
+        chunk.copy_(torch.log_softmax(chunk, dim=-1))
+    return logits
+
+
 def _one_rank_cross_entropy_factory(original):
     """megatron's ``_VocabParallelCrossEntropy`` whose forward, for a one-rank TP group without
-    label smoothing, runs megatron's own steps (``VocabParallelCrossEntropy``'s static methods over
-    the whole vocabulary) without the three all-reduces, which are identities on one rank; any
-    other case is megatron's forward. The backward is megatron's (it never communicates)."""
+    label smoothing, computes the same loss and softmax without the three all-reduces (identities on
+    one rank) and with torch's fused log-softmax (`log_softmax_`) in place of megatron's five passes;
+    any other case is megatron's forward. The backward is megatron's (it never communicates): it gets
+    the same saved tensors (softmax, out-of-range target mask, masked target)."""
     _require_bound(original, "tensor_parallel.cross_entropy._VocabParallelCrossEntropy")
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as steps
 
     class OneRankVocabParallelCrossEntropy(original):
         @staticmethod
         def forward(ctx, vocab_parallel_logits, target, label_smoothing=0.0):
             if label_smoothing > 0 or parallel_state.get_tensor_model_parallel_world_size() != 1:
                 return original.forward(ctx, vocab_parallel_logits, target, label_smoothing)
-            logits, logits_max = steps.calculate_logits_max(vocab_parallel_logits)
-            vocab = logits.size(-1)
-            mask, masked_target_1d, predicted, sum_exp, exp_logits = steps.calculate_predicted_logits(
-                logits, target, logits_max, 0, vocab
-            )
-            softmax, loss = steps.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
+            vocab = vocab_parallel_logits.size(-1)
+            # .float() is the input itself for float32 logits, which megatron's steps overwrite too
+            log_probs = log_softmax_(vocab_parallel_logits.float().contiguous())
+            # megatron's target mask: ids outside this rank's vocabulary predict nothing (loss = log sum exp)
+            mask = (target < 0) | (target >= vocab)
+            masked_target = target.masked_fill(mask, 0)
+            loss = -log_probs.gather(-1, masked_target.unsqueeze(-1)).squeeze(-1)
+            if mask.any():  # log sum exp(logits - max) = -max(log_probs)
+                loss = torch.where(mask, -log_probs.amax(dim=-1), loss)
             ctx.label_smoothing, ctx.vocab_size = label_smoothing, vocab
-            ctx.save_for_backward(softmax, mask, masked_target_1d)
+            ctx.save_for_backward(log_probs.exp_(), mask, masked_target.view(-1))
             return loss
 
     OneRankVocabParallelCrossEntropy.__wrapped__ = original
