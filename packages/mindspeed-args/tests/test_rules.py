@@ -141,6 +141,7 @@ CASES = [
     case("ndmm.sizes-divide-tp", {TP: 4, "use_nd_matmul": True, "nd1_dim1_size": 3}, {"nd1_dim1_size": 2}),
     case("dualpipe.dw-detach", {PP: 2, "num_layers": 16, "dualpipev_dw_detach": True},
          {"schedules_method": "dualpipev"}),
+    case("gc.interval-needs-manual-gc", {"manual_gc_interval": 10}, {"manual_gc": True}),
     case("dualpipe.needs-pp", {"schedules_method": "dualpipev", "num_layers": 16, PP: 1}, {PP: 2}),
     case("dualpipe.layers", {"schedules_method": "dualpipev", PP: 4, "num_layers": 20}, {"num_layers": 24}),
     case("dualpipe.vpp-exclusive", {"schedules_method": "dualpipev", PP: 2, "num_layers": 16, VPP: 2}, {VPP: None}),

@@ -8,10 +8,14 @@ split, evaluating 2 global batches every 2 steps, DP=2 unless TP=2.
 - TensorBoard's own EventAccumulator reads back the scalars of metrics.jsonl;
 - ``loss_curve.png`` is a PNG of the documented size; ``--save-total-limit 1`` leaves the newest only;
 - ``--bf16`` (Float16Module, fp32 main params): losses within the bf16 tolerance of fp32, and
-  TP=2 bf16 == TP=1 (DP=2) bf16 within the bf16 tolerance."""
+  TP=2 bf16 == TP=1 (DP=2) bf16 within the bf16 tolerance;
+- ``--manual-gc --manual-gc-interval 2``: megatron's schedule of collections (all generations at the start,
+  before each evaluation and every 2nd iteration; generation 0 after each evaluation), none automatic in
+  the run, the collector enabled again afterwards, and the same losses as the run without it."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import struct
@@ -63,11 +67,33 @@ def _hand_eval_loss(root: str) -> float:
     return sum(losses) / len(losses)
 
 
+def _manual_gc_run(root: str, rank: int) -> None:
+    """The fp32 run with manual collection; writes the generations collected while the automatic collector
+    was off (ours: automatic ones cannot run then) and whether it is on again afterwards."""
+    from mindspeed_train.launch import train
+
+    manual = []
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start" and not gc.isenabled():
+            manual.append(info["generation"])
+
+    gc.callbacks.append(record)
+    try:
+        train(th.flags(root, os.path.join(root, "manual_gc"), extra=(*EVAL, "--manual-gc", "--manual-gc-interval", "2")))
+    finally:
+        gc.callbacks.remove(record)
+    if rank == 0:
+        with open(os.path.join(root, "gc.json"), "w") as handle:
+            json.dump({"generations": manual, "enabled_after": gc.isenabled()}, handle)
+
+
 def _world(rank: int, root: str) -> None:
     from mindspeed_train import loop
     from mindspeed_train.launch import build_config, train
 
     train(_fp32_flags(root))
+    _manual_gc_run(root, rank)
     train(th.flags(root, os.path.join(root, "bf16"), extra=(*EVAL, "--bf16")))
     train(th.flags(root, os.path.join(root, "tp2_bf16"), extra=(*EVAL, "--bf16", "--tensor-model-parallel-size", "2")))
     hand = _hand_eval_loss(root)
@@ -141,3 +167,13 @@ def test_bf16_tracks_fp32_and_tp2_matches_tp1(root):
                 continue
             assert _close(low[key], ref[key], BF16_TOL), (key, low, ref)
             assert _close(other[key], low[key], BF16_TOL), (key, other, low)
+
+
+def test_manual_gc_schedule_and_same_losses(root):
+    with open(os.path.join(root, "gc.json")) as handle:
+        record = json.load(handle)
+    # start; iteration 2: evaluation (2 before, 0 after), then the interval's; iteration 4 the same
+    assert record == {"generations": [2, 2, 0, 2, 2, 0, 2], "enabled_after": True}
+    fp32, manual = th.read(os.path.join(root, "fp32")), th.read(os.path.join(root, "manual_gc"))
+    for key in ("loss", "eval_loss", "grad_norm"):
+        assert [r[key] for r in manual] == [r[key] for r in fp32], key

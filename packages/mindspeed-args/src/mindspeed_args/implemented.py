@@ -145,6 +145,9 @@ IMPLEMENTED_BY: dict[str, frozenset[str]] = {
         "use_nd_matmul",
         "nd1_dim1_size",
         "nd2_dim1_size",
+        # megatron's manual garbage collection in the loop (mindspeed_train.garbage).
+        "manual_gc",
+        "manual_gc_interval",
     }),
 }
 

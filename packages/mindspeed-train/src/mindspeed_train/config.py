@@ -40,6 +40,7 @@ TRAIN_PARAMETERS = frozenset({
     "adaptive_cp_manually_set_mask_list", "schedules_method", "dualpipev_dw_detach",
     "tp_2d", "tp_x", "tp_y", "enable_overlap_ag_with_matmul", "enable_overlap_matmul_with_rs",
     "enable_backward_overlap_ag_with_matmul", "use_nd_matmul", "nd1_dim1_size", "nd2_dim1_size",
+    "manual_gc", "manual_gc_interval",
 })  # fmt: skip
 
 
@@ -207,6 +208,21 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class GcSettings:
+    """megatron's manual garbage collection (:mod:`mindspeed_train.garbage`): ``manual`` turns Python's
+    automatic collector off for the run; ``interval`` > 0 also collects every that many iterations."""
+
+    manual: bool = False
+    interval: int = 0
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            raise ValueError(f"--manual-gc-interval {self.interval}: must be >= 0 (0: no collection between steps)")
+        if self.interval and not self.manual:
+            raise ValueError(f"--manual-gc-interval {self.interval} is used only with --manual-gc; add --manual-gc")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything one ``mindspeed train`` run needs."""
 
@@ -232,6 +248,7 @@ class TrainConfig:
     per_token_loss: bool = False  # --calculate-per-token-loss: the global batch's token mean
     loss_fusion: bool = False  # --cross-entropy-loss-fusion: LM/MTP loss via mindspeed_kernels' fused linear CE
     grad_accum_fusion: bool = True  # megatron's gradient_accumulation_fusion (off: --no-gradient-accumulation-fusion)
+    gc: GcSettings = GcSettings()  # --manual-gc / --manual-gc-interval
 
     @classmethod
     def from_args(cls, cfg: Any, *, model: str, output_dir: str | None, world_size: int,
@@ -277,6 +294,7 @@ class TrainConfig:
             data=_data(get), per_token_loss=bool(get("calculate_per_token_loss")),
             loss_fusion=bool(get("cross_entropy_loss_fusion")),
             grad_accum_fusion=not get("no_gradient_accumulation_fusion"),
+            gc=GcSettings(manual=bool(get("manual_gc")), interval=get("manual_gc_interval") or 0),
         )  # fmt: skip
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mindspeed_train import aux_losses, ckpt, context
+from mindspeed_train import aux_losses, ckpt, context, garbage
 from mindspeed_train.config import TrainConfig
 from mindspeed_train.metrics import MetricsLog, StepMetrics
 from mindspeed_train.profiling import TrainProfiler
@@ -302,13 +302,15 @@ def run(job: Job, data_iterator, log: MetricsLog, valid_iterator=None, eval_iter
     steps: list[StepMetrics] = []
     profiler = TrainProfiler(job.config.profile, dist.get_rank(), start_iteration=job.iteration)
     try:
-        while job.iteration < job.config.train_iters:
-            step = _step_and_evaluate(job, data_iterator, valid_iterator, eval_iters)
-            steps.append(step)
-            log.record(step)
-            if _should_save(job.config, job.iteration):
-                save(job)
-            profiler.step(job.iteration)  # after the save, where megatron stops its profiler
+        with garbage.manual_collection(job.config.gc):
+            while job.iteration < job.config.train_iters:
+                step = _step_and_evaluate(job, data_iterator, valid_iterator, eval_iters)
+                steps.append(step)
+                log.record(step)
+                if _should_save(job.config, job.iteration):
+                    save(job)
+                profiler.step(job.iteration)  # after the save, where megatron stops its profiler
+                garbage.after_iteration(job.config.gc, job.iteration)
     finally:
         profiler.close()
     log.close()
@@ -324,7 +326,10 @@ def _step_and_evaluate(job: Job, data_iterator, valid_iterator, eval_iters: int)
     job.consumed_samples += config.batch.global_
     seconds = time.monotonic() - start
     interval = config.eval.interval if valid_iterator is not None and eval_iters > 0 else None
-    eval_loss = evaluate(job, valid_iterator, eval_iters) if interval and job.iteration % interval == 0 else None
+    eval_loss = None
+    if interval and job.iteration % interval == 0:
+        with garbage.around_evaluation(config.gc):
+            eval_loss = evaluate(job, valid_iterator, eval_iters)
     tokens = config.batch.global_ * config.batch.seq_length
     return StepMetrics(iteration=job.iteration, loss=result.loss, lr=_current_lr(job), grad_norm=result.grad_norm,
                        seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9), consumed_samples=job.consumed_samples,

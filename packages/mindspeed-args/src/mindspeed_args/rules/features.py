@@ -1,5 +1,5 @@
 """'Only with' / 'must' rules of MindSpeed features (seeds 000 and 002): TP-2D, NDMM, DualPipe,
-MLA, MoE, fused ops and the swap/zero-memory options."""
+MLA, MoE, fused ops and the swap/zero-memory options; megatron's manual garbage collection (seed 003)."""
 
 from __future__ import annotations
 
@@ -157,6 +157,8 @@ RULES: tuple[Rule, ...] = (
         constraint="with FSDP2 (fsdp2_config_path) Megatron's TP/PP splits must be off",
         fix="set tensor_model_parallel_size 1 and pipeline_model_parallel_size 1",
     ),
+    _needs("gc.interval-needs-manual-gc", "seed 003 (manual_gc_interval)", "manual_gc_interval", "manual_gc", bool,
+           "manual_gc_interval is used only with manual_gc", "add --manual-gc, or drop --manual-gc-interval"),
     _needs("fsdp2-mm.ckpt-format", "seed 002 (OUTPUT_ARGS)", "fsdp2_config_path", "ckpt_format",
            lambda f: f == "torch_dcp", "with FSDP2 only ckpt_format torch_dcp is supported", "set --ckpt-format torch_dcp"),
 )
