@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 
 import pytest
+import train_helpers as th
 
 from mindspeed_train import garbage
 from mindspeed_train.config import GcSettings
@@ -16,17 +17,10 @@ MANUAL = GcSettings(manual=True, interval=3)
 
 @pytest.fixture
 def collections():
-    seen = []
-
-    def record(phase: str, info: dict) -> None:
-        if phase == "start" and not gc.isenabled():  # ours only: automatic ones cannot run then
-            seen.append(info["generation"])
-
     was_enabled = gc.isenabled()
     gc.disable()  # no automatic collection may interleave with the ones under test
-    gc.callbacks.append(record)
-    yield seen
-    gc.callbacks.remove(record)
+    with th.manual_collections() as seen:
+        yield seen
     if was_enabled:
         gc.enable()
 

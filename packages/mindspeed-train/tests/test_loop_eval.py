@@ -72,17 +72,8 @@ def _manual_gc_run(root: str, rank: int) -> None:
     was off (ours: automatic ones cannot run then) and whether it is on again afterwards."""
     from mindspeed_train.launch import train
 
-    manual = []
-
-    def record(phase: str, info: dict) -> None:
-        if phase == "start" and not gc.isenabled():
-            manual.append(info["generation"])
-
-    gc.callbacks.append(record)
-    try:
+    with th.manual_collections() as manual:
         train(th.flags(root, os.path.join(root, "manual_gc"), extra=(*EVAL, "--manual-gc", "--manual-gc-interval", "2")))
-    finally:
-        gc.callbacks.remove(record)
     if rank == 0:
         with open(os.path.join(root, "gc.json"), "w") as handle:
             json.dump({"generations": manual, "enabled_after": gc.isenabled()}, handle)

@@ -3,12 +3,31 @@ of a short `mindspeed train` run, shared by the loop tests."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 
 import numpy as np
 
 VOCAB, EOS = 256, 0
+
+
+@contextlib.contextmanager
+def manual_collections():
+    """Yields the list of generations collected while Python's automatic collector is off (so only
+    explicit ``gc.collect`` calls: automatic ones cannot run then)."""
+    seen: list[int] = []
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start" and not gc.isenabled():
+            seen.append(info["generation"])
+
+    gc.callbacks.append(record)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(record)
 
 
 def write_model(root: str, name: str = "model", layers: int = 2) -> str:

@@ -298,7 +298,7 @@ def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
     (max, subtract, exp, sum, divide) make five passes over the whole [S, B, V] tensor; in place, as
     megatron's steps are, so no second logits-sized tensor is alive."""
     rows = logits.view(-1, logits.size(-1))
-    step = max(-(-rows.size(0) // _CE_MAX_CHUNKS), _CE_CHUNK_ELEMENTS // max(rows.size(1), 1), 1)
+    step = max(-(-rows.size(0) // _CE_MAX_CHUNKS), _CE_CHUNK_ELEMENTS // rows.size(1), 1)
     for start in range(0, rows.size(0), step):
         chunk = rows[start : start + step]
         chunk.copy_(torch.log_softmax(chunk, dim=-1))
