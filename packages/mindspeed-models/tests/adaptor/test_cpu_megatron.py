@@ -71,9 +71,16 @@ def _both(cross_entropy, logits, target, weights=None):
     return out
 
 
-def test_one_rank_cross_entropy_equals_megatrons(megatron, all_reduces, monkeypatch):
-    # several log-softmax chunks (and a last, shorter one): 7 rows of 11 logits per chunk over 5 x 3 rows
-    monkeypatch.setattr(cpu, "_CE_CHUNK_ELEMENTS", 7 * 11)
+def test_log_softmax_in_place_is_torchs_bitwise():
+    # rows longer than a vector and more of them than one thread takes: the aliased out must not
+    # overwrite an element before the kernel has read it
+    logits = torch.randn(257, 1031, generator=torch.Generator().manual_seed(5)) * 4
+    expected = torch.log_softmax(logits, dim=-1)
+    out = cpu.log_softmax_(logits)
+    assert out.data_ptr() == logits.data_ptr() and torch.equal(out, expected)
+
+
+def test_one_rank_cross_entropy_equals_megatrons(megatron, all_reduces):
     logits, target = _logits_and_target(seed=1)
     (ours, ours_grad), (megatrons, megatrons_grad) = _both(megatron[0], logits, target, torch.rand(5, 3))
     assert len(all_reduces) == 3  # megatron's own only: max, target logit, sum of exp

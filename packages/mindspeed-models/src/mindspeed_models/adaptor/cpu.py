@@ -285,23 +285,16 @@ def _one_rank_region_factory(original):
     return region
 
 
-# rows of logits per torch.log_softmax call: ~1 MiB of float32 (the chunk stays in cache between the
-# kernel and the copy back), at most _CE_MAX_CHUNKS calls whatever the vocabulary.
-_CE_CHUNK_ELEMENTS = 1 << 18
-_CE_MAX_CHUNKS = 64
-
-
 def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
     """``logits`` (contiguous, floating) overwritten with their log-softmax over the last dim, returned.
 
-    torch's fused kernel over chunks of rows: one read of each row in cache, where megatron's steps
-    (max, subtract, exp, sum, divide) make five passes over the whole [S, B, V] tensor; in place, as
-    megatron's steps are, so no second logits-sized tensor is alive."""
+    torch's fused kernel, one read of each row in cache, where megatron's steps (max, subtract, exp,
+    sum, divide) make five passes over the whole [S, B, V] tensor; written into the logits themselves,
+    as megatron's steps are, so no second logits-sized tensor is alive. The kernel reads each element
+    of a row before it writes that element (max, sum of exp, then out = x - max - log sum), so the
+    aliased ``out`` is exact (tests compare it with torch's out-of-place result bitwise)."""
     rows = logits.view(-1, logits.size(-1))
-    step = max(-(-rows.size(0) // _CE_MAX_CHUNKS), _CE_CHUNK_ELEMENTS // rows.size(1), 1)
-    for start in range(0, rows.size(0), step):
-        chunk = rows[start : start + step]
-        chunk.copy_(torch.log_softmax(chunk, dim=-1))
+    torch.log_softmax(rows, dim=-1, out=rows)
     return logits
 
 

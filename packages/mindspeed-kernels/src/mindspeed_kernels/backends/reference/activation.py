@@ -19,7 +19,8 @@ def _act(gate: torch.Tensor, kind: str) -> torch.Tensor:
 
 def _act_backward(grad: torch.Tensor, gate: torch.Tensor, kind: str, out: torch.Tensor) -> None:
     """``out = grad * d act(gate) / d gate`` with torch's own fused backward kernels (one pass),
-    written straight into ``out`` (a strided half of the input's gradient: no temporary + copy)."""
+    written straight into ``out`` (a half of the input's gradient; ``grad`` may be ``out`` itself:
+    the kernel is elementwise, so each element is read before it is overwritten)."""
     if kind == "silu":
         torch.ops.aten.silu_backward.grad_input(grad, gate, grad_input=out)
     else:
@@ -50,7 +51,11 @@ class _Gated(torch.autograd.Function):
         g = grad_out.to(gate.dtype)
         grad_x = torch.empty(x.shape, dtype=gate.dtype, device=x.device)
         grad_gate, grad_up = grad_x.chunk(2, ctx.dim)
-        _act_backward(g * up, gate, ctx.kind, out=grad_gate)
+        # g * up goes straight into its final place and the activation's backward rewrites it there:
+        # a temporary as large as the gate would be fresh memory each call, which costs more than the
+        # arithmetic on a CPU (measured: ~1-2 ms per 2.8 MB gate in a training step).
+        torch.mul(g, up, out=grad_gate)
+        _act_backward(grad_gate, gate, ctx.kind, out=grad_gate)
         torch.mul(g, act, out=grad_up)
         return grad_x.to(x.dtype), None, None
 
