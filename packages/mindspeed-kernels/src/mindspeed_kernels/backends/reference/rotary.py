@@ -19,25 +19,20 @@ def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     return x * cos + _rotate(x, interleaved) * sin
 
 
-def _half_rotate(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
-                 sign: float) -> torch.Tensor:
-    """``[a1 c1 - sign b2 s1 | a2 c2 + sign b1 s2]`` over the two halves of the last dim (``s1``/``s2``:
-    the sine halves paired with each), written half by half into one new tensor (no negated copy
-    and no cat)."""
+def _half_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float, swap_sin: bool) -> torch.Tensor:
+    """``[x1 c1 - sign x2 s1 | x2 c2 + sign x1 s2]`` over the two halves of the last dim (``swap_sin``:
+    sin's halves exchanged, as views), written half by half into one new tensor (no negated copy, no
+    cat, no copy of the table)."""
     half = cos.shape[-1] // 2
-    a1, a2, b1, b2 = a[..., :half], a[..., half:], b[..., :half], b[..., half:]
+    x1, x2 = x[..., :half], x[..., half:]
     c1, c2 = cos[..., :half], cos[..., half:]
-    # cos/sin broadcast to ``a`` without enlarging it (checked by ops.rotary_pos_emb)
-    out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    s1, s2 = (sin[..., half:], sin[..., :half]) if swap_sin else (sin[..., :half], sin[..., half:])
+    # cos/sin broadcast to ``x`` without enlarging it (checked by ops.rotary_pos_emb)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     o1, o2 = out[..., :half], out[..., half:]
-    torch.mul(a1, c1, out=o1).addcmul_(b2, s1, value=-sign)
-    torch.mul(a2, c2, out=o2).addcmul_(b1, s2, value=sign)
+    torch.mul(x1, c1, out=o1).addcmul_(x2, s1, value=-sign)
+    torch.mul(x2, c2, out=o2).addcmul_(x1, s2, value=sign)
     return out
-
-
-def _sin_halves(sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    half = sin.shape[-1] // 2
-    return sin[..., :half], sin[..., half:]
 
 
 class _Rotary(torch.autograd.Function):
@@ -53,7 +48,7 @@ class _Rotary(torch.autograd.Function):
         ctx.interleaved = interleaved
         if interleaved:
             return _apply(x, cos, sin, interleaved)
-        return _half_rotate(x, x, cos, *_sin_halves(sin), sign=1.0)
+        return _half_rotate(x, cos, sin, sign=1.0, swap_sin=False)
 
     @staticmethod
     @once_differentiable
@@ -62,8 +57,7 @@ class _Rotary(torch.autograd.Function):
         if ctx.interleaved:
             return grad_out * cos - _rotate(grad_out * sin, True), None, None, None
         # dx1 = g1 c1 + g2 s2 and dx2 = g2 c2 - g1 s1: the forward's pattern with sin's halves swapped
-        s1, s2 = _sin_halves(sin)
-        return _half_rotate(grad_out, grad_out, cos, s2, s1, sign=-1.0), None, None, None
+        return _half_rotate(grad_out, cos, sin, sign=-1.0, swap_sin=True), None, None, None
 
 
 def rotary_pos_emb(x, cos, sin, interleaved=False):
