@@ -45,6 +45,7 @@ FULL = {
     "moe_token_permute": {"tokens": 8192, "hidden": 2048, "experts": 8, "topk": 2},
     "moe_token_unpermute": {"tokens": 8192, "hidden": 2048, "experts": 8, "topk": 2},
     "grouped_matmul": {"rows": 8192, "k": 1024, "n": 1024, "experts": 8},
+    "linear": {"tokens": 8192, "k": 1024, "n": 4096},
 }
 QUICK = {
     "fused_linear_cross_entropy": {"tokens": 64, "hidden": 16, "vocab": 500, "chunk_size": 24},
@@ -55,6 +56,7 @@ QUICK = {
     "moe_token_permute": {"tokens": 16, "hidden": 8, "experts": 4, "topk": 2},
     "moe_token_unpermute": {"tokens": 16, "hidden": 8, "experts": 4, "topk": 2},
     "grouped_matmul": {"rows": 32, "k": 8, "n": 8, "experts": 4},
+    "linear": {"tokens": 2048, "k": 64, "n": 64},  # 8.4M multiply-adds: the oneDNN path on CPU
 }
 # (op, "time" | "memory", the largest ours / naive ratio accepted)
 TARGETS = (
@@ -175,6 +177,14 @@ def _grouped_matmul(impl, s, dev):
     return lambda: torch.cat([x[a:b] @ weights[e] for e, (a, b) in enumerate(zip(starts, ends, strict=True))]), [x, weights]
 
 
+def _linear(impl, s, dev):
+    x = _leaf(s["tokens"], s["k"], dev=dev)
+    weight = _leaf(s["n"], s["k"], dev=dev, scale=s["k"] ** -0.5)
+    if impl == "ours":
+        return lambda: ops.linear(x, weight, backend=BACKEND), [x, weight]
+    return lambda: F.linear(x, weight), [x, weight]
+
+
 BUILDERS = {
     "fused_linear_cross_entropy": _cross_entropy,
     "flash_attention": _attention,
@@ -184,6 +194,7 @@ BUILDERS = {
     "moe_token_permute": _permute,
     "moe_token_unpermute": _unpermute,
     "grouped_matmul": _grouped_matmul,
+    "linear": _linear,
 }
 
 

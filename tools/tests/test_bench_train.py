@@ -81,3 +81,27 @@ def test_launch_flags_are_a_valid_launch(tmp_path):
     assert config.batch.num_microbatches == 2 and config.batch.micro == sizes["micro"] and config.train_iters == 3
     opt = config.optim
     assert (opt.lr, opt.min_lr, opt.weight_decay, opt.clip_grad, opt.lr_decay_style) == (2e-3, 2e-3, 0.05, 0.5, "constant")
+
+
+def test_route_linears_gives_the_baseline_the_kernels_gemm(monkeypatch):
+    from mindspeed_kernels.backends.reference import gemm
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4, bias=False))
+    x = torch.randn(3, 5, 8)
+    expected = model(x)
+    calls = []
+    real = gemm.linear
+    monkeypatch.setattr(gemm, "linear", lambda *a: calls.append(len(a)) or real(*a))
+    from mindspeed_kernels.backends import reference
+
+    monkeypatch.setitem(reference.OPS, "linear", gemm.linear)
+    train.route_linears(model)
+    torch.testing.assert_close(model(x), expected)
+    assert len(calls) == 2
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(gemm.ENV_VAR, raising=False)
+    if torch.backends.mkldnn.is_available():
+        assert train.gemm_kind(cpu, True) == "oneDNN"
+    monkeypatch.setenv(gemm.ENV_VAR, "torch")
+    assert train.gemm_kind(cpu, True) == "torch" and train.gemm_kind(cpu, False) == "torch"
+    assert train.gemm_kind(torch.device("cuda"), True) == "torch"

@@ -38,6 +38,7 @@ OP_NAMES = (
     "moe_token_unpermute",
     "grouped_matmul",
     "fused_linear_cross_entropy",
+    "linear",
 )
 
 

@@ -22,13 +22,13 @@ parameter-gather hooks, adapters that replace the module).
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import layers as megatron_layers
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.mlp import MLP
 from torch.autograd.function import once_differentiable
 
 from mindspeed_models.layers import SwiGLU
+from mindspeed_models.wgrad import main_grad_placeholder, wgrad_accumulator
 
 __all__ = ["ActivationRecomputeMLP", "SwiGLUMLP", "blocked_linear"]
 
@@ -73,22 +73,10 @@ def _weight_grad(ctx, g: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -
         torch.mm(g[1].t(), x2, out=grad_w[rows:])
         return grad_w
     weight.main_grad = ctx.main_grad
-    kernels = megatron_layers.fused_weight_gradient_mlp_cuda  # looked up now: apex's, or the adaptor's stand-in
-    if weight.main_grad.dtype == torch.float32:
-        accumulate = kernels.wgrad_gemm_accum_fp32
-    elif weight.main_grad.dtype in (torch.float16, torch.bfloat16):
-        accumulate = kernels.wgrad_gemm_accum_fp16
-    else:
-        raise RuntimeError(f"SwiGLUMLP: gradient accumulation fusion does not support main_grad dtype {weight.main_grad.dtype}")
+    accumulate = wgrad_accumulator(weight.main_grad)
     accumulate(x2, g[0], weight.main_grad[:rows])
     accumulate(x2, g[1], weight.main_grad[rows:])
-    if not hasattr(weight, "grad_added_to_main_grad"):
-        return None
-    # megatron's DDP hooks fire on the parameter's grad accumulator: hand it a placeholder as megatron's
-    # linear does, and flag that the real gradient is already in main_grad.
-    fill = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
-    weight.grad_added_to_main_grad = True
-    return fill(weight.main_grad.shape, dtype=x2.dtype, device=x2.device)
+    return main_grad_placeholder(weight, x2)
 
 
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, accumulate_in_main_grad: bool = False) -> torch.Tensor:

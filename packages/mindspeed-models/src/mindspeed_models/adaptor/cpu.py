@@ -298,6 +298,14 @@ def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _kernel_linear_factory(original):
+    """megatron's linear function with the kernels' GEMM for CPU float32 calls (``cpu_linear``)."""
+    _require_bound(original, "tensor_parallel.layers.linear_with_grad_accumulation_and_async_allreduce")
+    from mindspeed_models.adaptor.cpu_linear import kernel_linear_factory
+
+    return kernel_linear_factory(original)
+
+
 def _one_rank_cross_entropy_factory(original):
     """megatron's ``_VocabParallelCrossEntropy`` whose forward, for a one-rank TP group without
     label smoothing, computes the same loss and softmax without the three all-reduces (identities on
@@ -359,6 +367,7 @@ REPLACEMENTS = {
     ("tensor_parallel.layers", "copy_to_tensor_model_parallel_region"): _one_rank_region_factory,
     ("tensor_parallel.layers", "reduce_from_tensor_model_parallel_region"): _one_rank_region_factory,
     ("tensor_parallel.cross_entropy", "_VocabParallelCrossEntropy"): _one_rank_cross_entropy_factory,
+    ("tensor_parallel.layers", "linear_with_grad_accumulation_and_async_allreduce"): _kernel_linear_factory,
 }
 # log-seam key -> message to drop: on CPU the "CUDA" generator is the CPU one, so the check in
 # CudaRNGStatesTracker.fork() that the CPU state did not move fires on every forked draw.

@@ -207,6 +207,12 @@ SEAMS: tuple[Seam, ...] = (
          "at TP=1 the loss's three all-reduces (max, target logit, sum of exp) are identities; on gloo each is a "
          "round trip through the communication thread on the critical path of every microbatch",
          devices=("cpu",)),
+    Seam("tensor_parallel.layers", "linear_with_grad_accumulation_and_async_allreduce", "attr",
+         ("ColumnParallelLinear._forward_impl", "RowParallelLinear._forward_impl"), (629, 745, 948, 1239),
+         "float32 calls without sequence parallelism or deferred weight gradients: the same linear with its forward "
+         "and input-gradient GEMMs through mindspeed_kernels.ops.linear (oneDNN); else megatron's", "unchanged",
+         "torch.matmul runs CPU float32 GEMMs through MKL's sgemm, 10-20% slower than oneDNN's on the CPUs measured; "
+         "the linears' GEMMs are most of a CPU training step", devices=("cpu",)),
     Seam("pipeline_parallel.p2p_communication", "_batched_p2p_ops", "attr", ("P2PCommunicator._communicate",), (16, 355),
          "megatron's _p2p_ops (even/odd ordering, two communicators for a 2-rank PP group), as a list", "unchanged",
          "gloo runs batch_isend_irecv op by op and matches messages from one peer in order; with PP=2 both directions "

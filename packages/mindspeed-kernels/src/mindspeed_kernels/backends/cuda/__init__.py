@@ -12,6 +12,7 @@ grouped_matmul                 ``torch.nn.functional.grouped_mm`` when the call 
                                (:func:`.grouped_mm.grouped_mm_fits`), else reference
 everything else                the reference implementation: elementwise ops, gathers and
                                chunked matmuls that torch eager already runs as CUDA kernels
+                               (``linear``: torch's GEMM, cuBLAS)
 =============================  ==========================================================
 
 No Triton kernels: Triton is not a dependency of this package and could not be tested here.
@@ -50,4 +51,5 @@ OPS = {
     "moe_token_permute": _REF["moe_token_permute"],
     "moe_token_unpermute": _REF["moe_token_unpermute"],
     "fused_linear_cross_entropy": _REF["fused_linear_cross_entropy"],
+    "linear": _REF["linear"],  # torch.nn.functional.linear off CPU (cuBLAS)
 }

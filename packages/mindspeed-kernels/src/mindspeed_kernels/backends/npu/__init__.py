@@ -22,6 +22,7 @@ ring_attention_update          ``npu_ring_attention_update`` (SBH views, autogra
 moe_token_permute / unpermute  ``npu_moe_token_permute`` / ``npu_moe_token_unpermute``
 grouped_matmul                 ``npu_grouped_matmul`` (autograd here)
 fused_linear_cross_entropy     none: the reference implementation (see below)
+linear                         none: torch's GEMM (``torch.nn.functional.linear``, torch_npu's matmul)
 =============================  =====================================================
 """
 
@@ -59,4 +60,6 @@ OPS = {
     # torch_npu has no fused linear + cross-entropy kernel; the reference implementation is
     # chunked matmuls and elementwise torch ops, which already run as NPU kernels.
     "fused_linear_cross_entropy": _reference.OPS["fused_linear_cross_entropy"],
+    # torch_npu runs F.linear as its matmul kernel; the reference op is that call off CPU.
+    "linear": _reference.OPS["linear"],
 }

@@ -5,6 +5,7 @@ CPU flash kernel computes exactly (float32/bfloat16/float16, no dropout, and a m
 ``is_causal`` flag expresses: none, or causal with Sq == Skv; not TND, no ALiBi) run that kernel,
 with its log-sum-exp, 1.7-4x faster than the blockwise code (more for longer sequences); every
 other call, float64 included, runs the blockwise implementation (see ``reference/attention.py``).
+Likewise ``linear`` runs CPU float32 GEMMs through torch's oneDNN op (see ``reference/gemm.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from mindspeed_kernels.backends.reference.activation import geglu, swiglu
 from mindspeed_kernels.backends.reference.attention import flash_attention
 from mindspeed_kernels.backends.reference.cross_entropy import fused_linear_cross_entropy
+from mindspeed_kernels.backends.reference.gemm import linear
 from mindspeed_kernels.backends.reference.grouped_matmul import grouped_matmul
 from mindspeed_kernels.backends.reference.moe import moe_token_permute, moe_token_unpermute
 from mindspeed_kernels.backends.reference.norm import rms_norm
@@ -34,4 +36,5 @@ OPS = {
     "moe_token_unpermute": moe_token_unpermute,
     "grouped_matmul": grouped_matmul,
     "fused_linear_cross_entropy": fused_linear_cross_entropy,
+    "linear": linear,
 }
