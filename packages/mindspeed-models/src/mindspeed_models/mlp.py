@@ -28,7 +28,7 @@ from megatron.core.transformer.mlp import MLP
 from torch.autograd.function import once_differentiable
 
 from mindspeed_models.layers import SwiGLU
-from mindspeed_models.wgrad import main_grad_placeholder, wgrad_accumulator
+from mindspeed_models.wgrad import accumulate_weight_grad
 
 __all__ = ["ActivationRecomputeMLP", "SwiGLUMLP", "blocked_linear"]
 
@@ -72,11 +72,7 @@ def _weight_grad(ctx, g: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -
         torch.mm(g[0].t(), x2, out=grad_w[:rows])
         torch.mm(g[1].t(), x2, out=grad_w[rows:])
         return grad_w
-    weight.main_grad = ctx.main_grad
-    accumulate = wgrad_accumulator(weight.main_grad)
-    accumulate(x2, g[0], weight.main_grad[:rows])
-    accumulate(x2, g[1], weight.main_grad[rows:])
-    return main_grad_placeholder(weight, x2)
+    return accumulate_weight_grad(weight, ctx.main_grad, x2, (g[0], g[1]))
 
 
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, accumulate_in_main_grad: bool = False) -> torch.Tensor:

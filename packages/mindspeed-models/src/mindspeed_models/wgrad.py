@@ -4,7 +4,7 @@ megatron's linear backward adds ``g^T @ x`` straight into ``weight.main_grad`` (
 through apex's ``fused_weight_gradient_mlp_cuda`` (the adaptor's stand-in off CUDA) and hands
 autograd a placeholder gradient, flagging ``grad_added_to_main_grad`` so the DDP hook does not add
 it again. :class:`mindspeed_models.mlp.SwiGLUMLP`'s fc1 and the CPU linear of the adaptor follow
-the same contract through these two helpers.
+the same contract through :func:`accumulate_weight_grad`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,19 @@ def wgrad_accumulator(main_grad: torch.Tensor) -> Callable[[torch.Tensor, torch.
     if main_grad.dtype in (torch.float16, torch.bfloat16):
         return kernels.wgrad_gemm_accum_fp16
     raise RuntimeError(f"gradient accumulation fusion does not support main_grad dtype {main_grad.dtype}")
+
+
+def accumulate_weight_grad(weight: torch.Tensor, main_grad: torch.Tensor, x2: torch.Tensor,
+                           grad_blocks: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """Add ``g^T @ x2`` of each block of ``grad_blocks`` ([T, rows_i], in order) into consecutive row
+    blocks of ``main_grad`` (re-bound on ``weight`` first, as megatron's backward does); return what
+    megatron's linear returns as the weight's gradient (:func:`main_grad_placeholder`). x2: [T, K]."""
+    weight.main_grad = main_grad
+    accumulate, start = wgrad_accumulator(main_grad), 0
+    for g in grad_blocks:
+        accumulate(x2, g, main_grad[start : start + g.shape[-1]])
+        start += g.shape[-1]
+    return main_grad_placeholder(weight, x2)
 
 
 def main_grad_placeholder(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:

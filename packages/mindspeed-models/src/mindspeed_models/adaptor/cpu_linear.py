@@ -21,7 +21,7 @@ from megatron.core.utils import get_tensor_model_parallel_group_if_none
 from torch.autograd.function import once_differentiable
 
 from mindspeed_kernels.ops import linear
-from mindspeed_models.wgrad import main_grad_placeholder, wgrad_accumulator
+from mindspeed_models.wgrad import accumulate_weight_grad
 
 
 class _KernelLinear(torch.autograd.Function):
@@ -55,9 +55,7 @@ class _KernelLinear(torch.autograd.Function):
 def _weight_grad(ctx, weight: torch.Tensor, x2: torch.Tensor, g2: torch.Tensor) -> torch.Tensor | None:
     if ctx.main_grad is None:
         return torch.mm(g2.t(), x2)
-    weight.main_grad = ctx.main_grad
-    wgrad_accumulator(ctx.main_grad)(x2, g2, ctx.main_grad)
-    return main_grad_placeholder(weight, x2)
+    return accumulate_weight_grad(weight, ctx.main_grad, x2, (g2,))
 
 
 def _kernel_path(input, weight, bias, sequence_parallel, grad_output_buffer, async_grad_allreduce) -> bool:
